@@ -1,0 +1,151 @@
+"""The attack contract (after foolbox 3: configure once, call with model and data).
+
+An attack is configured with keyword-only options in ``__init__``; the defense, images,
+labels and epsilon are call arguments. :meth:`Attack.__call__` is final: it validates inputs,
+seeds the attack in a private RNG scope, counts forward/backward passes, calls the subclass's
+:meth:`Attack.run`, and clips the returned adversarials into [0, 1]. The HARNESS (not the
+attack) then re-checks the epsilon ball and re-scores the defense on the adversarials.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+DEFAULT_SEED = 0
+
+
+@dataclass
+class AttackResult:
+    """What one attack call returns for a batch."""
+
+    adv: torch.Tensor
+    #: the attack's own success claim (N,), or None; the harness re-scores anyway
+    success: torch.Tensor | None = None
+    #: per-iteration loss, shape (steps,) or (steps, N); None when unavailable
+    loss_trace: torch.Tensor | None = None
+    #: iterations used per sample (N,) or a scalar
+    iterations: torch.Tensor | int | None = None
+    #: per-sample: some intermediate iterate was adversarial (for the silent-success flag)
+    any_iterate_adversarial: torch.Tensor | None = None
+    forward_passes: int = 0
+    backward_passes: int = 0
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class PassCounter(nn.Module):
+    """Wraps a model and counts per-sample forward and backward passes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forward_passes = 0
+        self.backward_passes = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        n = int(x.shape[0])
+        self.forward_passes += n
+        if out.requires_grad:
+            def hook(grad, n=n):
+                self.backward_passes += n
+                return grad
+            out.register_hook(hook)
+        return out
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["model"], name)
+
+
+class Attack:
+    """Base class. Subclasses set ``threat`` and implement :meth:`run`."""
+
+    #: "linf", "l2" or "none" (unbounded / semantic attacks)
+    threat: ClassVar[str] = "linf"
+    #: True when the attack samples randomness (it is always seeded)
+    random: ClassVar[bool] = True
+
+    def __init__(self, *, seed: int = DEFAULT_SEED, **options: Any) -> None:
+        self.seed = int(seed)
+        self.options = options
+
+    # subclasses implement ----------------------------------------------------------------
+    def run(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+            eps: float) -> AttackResult:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # the final call ----------------------------------------------------------------------
+    def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 eps: float, *, seed: int | None = None) -> AttackResult:
+        eps = check_epsilon(eps, self.threat)
+        if images.ndim != 4:
+            raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        if images.min() < 0 or images.max() > 1:
+            raise ValueError("images must lie in [0, 1]; normalisation belongs inside the model")
+        if labels.shape[0] != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+        was_training = model.training
+        model.eval()
+        counter = PassCounter(model)
+        devices = [images.device] if images.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                torch.manual_seed(self.seed if seed is None else int(seed))
+                result = self.run(counter, images, labels, eps)
+        finally:
+            model.train(was_training)
+        result.adv = result.adv.detach().clamp(0, 1)
+        result.forward_passes += counter.forward_passes
+        result.backward_passes += counter.backward_passes
+        return result
+
+    # provenance ----------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """JSON-able configuration (part of the cell key)."""
+        return {"attack": type(self).__name__, "seed": self.seed, **_jsonable(self.options)}
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in sorted(self.config().items()) if k != "attack")
+        return f"{type(self).__name__}({opts})"
+
+
+def check_epsilon(eps: float, threat: str) -> float:
+    try:
+        eps = float(eps)
+    except (TypeError, ValueError):
+        raise ValueError(f"epsilon must be a number, got {eps!r}") from None
+    if math.isnan(eps) or math.isinf(eps) or eps < 0:
+        raise ValueError(f"epsilon must be a finite number >= 0, got {eps}; e.g. 8/255 for Linf "
+                         "on CIFAR-10 or 0.5 for L2")
+    if threat == "linf" and eps > 1:
+        raise ValueError(f"Linf epsilon {eps} exceeds the [0, 1] image range; did you mean "
+                         f"{eps}/255 = {eps / 255:.5f}?")
+    return eps
+
+
+def perturbation_norm(adv: torch.Tensor, images: torch.Tensor, threat: str) -> torch.Tensor:
+    d = (adv - images).flatten(1)
+    if threat == "l2":
+        return d.norm(p=2, dim=1)
+    return d.abs().amax(dim=1)
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, (int, float, str, bool)) or v is None:
+            out[k] = v
+        elif isinstance(v, (list, tuple)):
+            out[k] = list(v)
+        elif isinstance(v, dict):
+            out[k] = _jsonable(v)
+        else:
+            out[k] = repr(v)
+    return out
