@@ -1,0 +1,27 @@
+"""The baseline: a zoo classifier with no defense."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from bench.registry import DEFENSES
+from defenses.base import Defense
+
+
+@DEFENSES.register("undefended")
+class Undefended(Defense):
+    """Any zoo classifier, undefended. ``classifier`` is a spec for
+    :func:`bench.models.load_classifier` (e.g. ``akamaster-resnet20``, ``resnet20@quick``) or an
+    ``nn.Module``."""
+
+    def __init__(self, *, dataset: str = "cifar10", classifier: str | nn.Module = "resnet20@quick",
+                 device: str = "cpu", progress: bool = False) -> None:
+        from bench.models import resolve_classifier
+
+        model, sha = resolve_classifier(classifier, dataset=dataset, device=device, progress=progress)
+        super().__init__(model)
+        self.classifier_spec = classifier if isinstance(classifier, str) else type(classifier).__name__
+        self.classifier_sha256 = sha
+
+    def config(self) -> dict:
+        return {"classifier": self.classifier_spec, "classifier_sha256": self.classifier_sha256}
