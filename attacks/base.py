@@ -37,14 +37,31 @@ class AttackResult:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
-class PassCounter(nn.Module):
-    """Wraps a model and counts per-sample forward and backward passes."""
+class AttackTracer(nn.Module):
+    """Wraps the attacked model: counts per-sample forward/backward passes and records, for every
+    forward on the full batch, the per-sample cross-entropy and whether that iterate was a VALID
+    adversarial (inside the epsilon ball and [0, 1], misclassified).
 
-    def __init__(self, model: nn.Module) -> None:
+    This gives every attack, including library attacks we do not rewrite, a loss trace (for the
+    non-convergence flag) and an "some iterate was adversarial" mask (for the silent-success
+    flag) without touching the attack's code. Traces are recorded only for forwards whose batch
+    is the attacked batch (sub-batches of AutoAttack's later stages are counted but not traced).
+    """
+
+    def __init__(self, model: nn.Module, images: torch.Tensor | None = None,
+                 labels: torch.Tensor | None = None, eps: float = float("inf"),
+                 threat: str = "none") -> None:
         super().__init__()
         self.model = model
         self.forward_passes = 0
         self.backward_passes = 0
+        self._x0 = images
+        self._y = labels
+        self._eps = eps
+        self._threat = threat
+        self.losses: list[torch.Tensor] = []
+        self.any_adversarial = (torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
+                                if labels is not None else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
@@ -55,7 +72,18 @@ class PassCounter(nn.Module):
                 self.backward_passes += n
                 return grad
             out.register_hook(hook)
+        if self._x0 is not None and x.shape == self._x0.shape and out.ndim == 2:
+            with torch.no_grad():
+                logits = out.detach().float()
+                self.losses.append(nn.functional.cross_entropy(logits, self._y, reduction="none").cpu())
+                norm = perturbation_norm(x.detach(), self._x0, self._threat)
+                valid = (norm <= self._eps + 1e-6) & (x.detach().flatten(1).amin(1) >= 0) & (
+                    x.detach().flatten(1).amax(1) <= 1)
+                self.any_adversarial |= valid & (logits.argmax(1) != self._y)
         return out
+
+    def loss_trace(self) -> torch.Tensor | None:
+        return torch.stack(self.losses) if self.losses else None
 
     def __getattr__(self, name: str):
         try:
@@ -64,15 +92,31 @@ class PassCounter(nn.Module):
             return getattr(self._modules["model"], name)
 
 
-class Attack:
-    """Base class. Subclasses set ``threat`` and implement :meth:`run`."""
+PassCounter = AttackTracer
 
-    #: "linf", "l2" or "none" (unbounded / semantic attacks)
-    threat: ClassVar[str] = "linf"
+
+class Attack:
+    """Base class. Subclasses list the threat models they support and implement :meth:`run`.
+
+    ``threat`` is chosen at construction ("linf", "l2", or "none" for unbounded / semantic
+    attacks). ``minimal_norm`` attacks (CW) search for the smallest perturbation and may return
+    points outside the ball; the harness counts those as failures instead of as errors.
+    """
+
+    #: threat models this attack supports; the first is the default
+    threats: ClassVar[tuple[str, ...]] = ("linf", "l2")
     #: True when the attack samples randomness (it is always seeded)
     random: ClassVar[bool] = True
+    #: True when the attack minimises the norm rather than respecting a budget
+    minimal_norm: ClassVar[bool] = False
 
-    def __init__(self, *, seed: int = DEFAULT_SEED, **options: Any) -> None:
+    def __init__(self, *, threat: str | None = None, seed: int = DEFAULT_SEED,
+                 **options: Any) -> None:
+        threat = (threat or self.threats[0]).lower()
+        if threat not in self.threats:
+            raise ValueError(f"{type(self).__name__} supports threat models {list(self.threats)}, "
+                             f"not {threat!r}")
+        self.threat = threat
         self.seed = int(seed)
         self.options = options
 
@@ -93,7 +137,8 @@ class Attack:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         was_training = model.training
         model.eval()
-        counter = PassCounter(model)
+        traced_eps = float("inf") if self.threat == "none" or self.minimal_norm else eps
+        counter = AttackTracer(model, images, labels, traced_eps, self.threat)
         devices = [images.device] if images.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
@@ -104,12 +149,17 @@ class Attack:
         result.adv = result.adv.detach().clamp(0, 1)
         result.forward_passes += counter.forward_passes
         result.backward_passes += counter.backward_passes
+        if result.loss_trace is None:
+            result.loss_trace = counter.loss_trace()
+        if result.any_iterate_adversarial is None:
+            result.any_iterate_adversarial = counter.any_adversarial.cpu()
         return result
 
     # provenance ----------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """JSON-able configuration (part of the cell key)."""
-        return {"attack": type(self).__name__, "seed": self.seed, **_jsonable(self.options)}
+        return {"attack": type(self).__name__, "threat": self.threat, "seed": self.seed,
+                **_jsonable(self.options)}
 
     def __repr__(self) -> str:
         opts = ", ".join(f"{k}={v!r}" for k, v in sorted(self.config().items()) if k != "attack")

@@ -14,10 +14,12 @@ class Undefended(Defense):
     :func:`bench.models.load_classifier` (e.g. ``akamaster-resnet20``, ``resnet20@quick``) or an
     ``nn.Module``."""
 
-    def __init__(self, *, dataset: str = "cifar10", classifier: str | nn.Module = "resnet20@quick",
-                 device: str = "cpu", progress: bool = False) -> None:
+    def __init__(self, *, dataset: str = "cifar10", classifier: str | nn.Module | None = None,
+                 preset: str = "quick", device: str = "cpu", progress: bool = False) -> None:
         from bench.models import resolve_classifier
 
+        if classifier is None:
+            classifier = f"{default_arch(dataset)}@{preset}"
         model, sha = resolve_classifier(classifier, dataset=dataset, device=device, progress=progress)
         super().__init__(model)
         self.classifier_spec = classifier if isinstance(classifier, str) else type(classifier).__name__
@@ -25,3 +27,11 @@ class Undefended(Defense):
 
     def config(self) -> dict:
         return {"classifier": self.classifier_spec, "classifier_sha256": self.classifier_sha256}
+
+
+DEFAULT_ARCH = {"cifar10": "resnet20", "imagenet10": "resnet18_imagenet", "test_tiny": "test_tiny_cnn"}
+
+
+def default_arch(dataset: str) -> str:
+    """The zoo architecture a defense uses on ``dataset`` when none is given."""
+    return DEFAULT_ARCH.get(dataset, "resnet20")

@@ -1,0 +1,158 @@
+"""Building defenses, and fitting or reloading their trained parts (content-addressed).
+
+A trainable defense's artifact is its ``state_dict`` saved as safetensors, with metadata
+(defense name, dataset, resolution, preset, ``config()``, training-data fingerprint). Its key is
+the sha256 of that metadata, so a changed input trains a new artifact, and an artifact given
+explicitly for another dataset, resolution or configuration is REFUSED with a clear error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench import paths
+from bench.registry import DEFENSES
+
+
+class ArtifactError(ValueError):
+    """An artifact that does not match what it is used for (one-line message with the fix)."""
+
+
+def _accepts(factory: Any, name: str) -> bool:
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return True
+    return name in sig.parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+
+
+def construct_defense(name: str, options: dict[str, Any], *, dataset: str,
+                      dataset_options: dict[str, Any] | None = None, device: str = "cpu",
+                      preset: str = "quick", progress: bool = False):
+    """Instantiate a registered defense, passing the harness's context where it is accepted."""
+    factory = DEFENSES.get(name)
+    context = {"dataset": dataset, "device": device, "preset": preset, "progress": progress}
+    res = (dataset_options or {}).get("resolution")
+    if res is not None:
+        context["resolution"] = res
+    kwargs = {k: v for k, v in context.items() if _accepts(factory, k) and k not in options}
+    return DEFENSES.create(name, **kwargs, **options)
+
+
+def artifact_metadata(defense: Any, name: str, *, dataset: str, resolution: Any, preset: str,
+                      train_fingerprint: str) -> dict[str, str]:
+    return {"defense": name, "dataset": dataset, "resolution": str(resolution), "preset": preset,
+            "config": json.dumps(defense.config(), sort_keys=True, default=str),
+            "train_fingerprint": train_fingerprint, "format": "robustmatrix-artifact-1"}
+
+
+def artifact_key(meta: dict[str, str]) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+
+
+def save_artifact(defense: Any, path: Path, meta: dict[str, str]) -> str:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in defense.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=meta)
+    tmp.replace(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_artifact(defense: Any, path: Path, expected: dict[str, str] | None = None,
+                  device: str = "cpu") -> dict[str, str]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.exists():
+        raise ArtifactError(f"no artifact at {path}; run `robustmatrix fit` first")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as exc:  # noqa: BLE001 - safetensors raises several types
+        raise ArtifactError(f"{path} is not a robustmatrix artifact (safetensors) ({exc}); "
+                            "delete it and run `robustmatrix fit` again") from None
+    if expected is not None:
+        for field in ("defense", "dataset", "resolution", "config"):
+            if meta.get(field) != expected.get(field):
+                raise ArtifactError(
+                    f"artifact {path.name} was trained for {field}={meta.get(field)!r}, not "
+                    f"{expected.get(field)!r}; fit the defense for this setting "
+                    f"(`robustmatrix fit {expected.get('defense')} --dataset "
+                    f"{expected.get('dataset')}`) instead of reusing it")
+    state = load_file(str(path), device=str(device))
+    defense.load_state_dict(state, strict=True)
+    defense.fitted = True
+    return meta
+
+
+def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
+                    dataset_options: dict[str, Any] | None = None, device: str = "cpu",
+                    preset: str = "quick", progress: bool = False, artifact: str | None = None,
+                    allow_fit: bool = True, log=print):
+    """Construct a defense and make it usable: load its artifact, or fit and save one.
+
+    Returns ``(defense, info)`` where ``info`` holds the artifact path, sha256 and fit time.
+    """
+    dataset_options = dict(dataset_options or {})
+    options = dict(options)
+    artifact = artifact or options.pop("artifact", None)
+    defense = construct_defense(name, options, dataset=dataset, dataset_options=dataset_options,
+                                device=device, preset=preset, progress=progress)
+    defense.to(device)
+    info: dict[str, Any] = {"artifact": None, "artifact_sha256": None, "fit_seconds": 0.0}
+    if not getattr(defense, "trainable", False):
+        defense.eval()
+        return defense, info
+    from bench.data import load_train
+
+    load_kw = {k: v for k, v in dataset_options.items() if k in ("root", "source", "resolution")}
+    resolution = dataset_options.get("resolution")
+    if artifact:
+        meta_expected = {"defense": name, "dataset": dataset, "resolution": str(resolution),
+                         "config": json.dumps(defense.config(), sort_keys=True, default=str)}
+        load_artifact(defense, Path(artifact), meta_expected, device=device)
+        info.update(artifact=str(artifact),
+                    artifact_sha256=hashlib.sha256(Path(artifact).read_bytes()).hexdigest())
+        defense.eval()
+        return defense, info
+    train = load_train(dataset, **load_kw)
+    meta = artifact_metadata(defense, name, dataset=dataset, resolution=resolution, preset=preset,
+                             train_fingerprint=train.fingerprint)
+    path = paths.cache_dir() / "artifacts" / name / f"{artifact_key(meta)}.safetensors"
+    if path.exists():
+        load_artifact(defense, path, meta, device=device)
+    else:
+        if not allow_fit:
+            raise ArtifactError(f"defense '{name}' is not fitted for {dataset}; run "
+                                f"`robustmatrix fit {name} --dataset {dataset}` first")
+        log(f"fitting {name} on {dataset} ({preset} preset); the artifact is cached for reuse")
+        t0 = time.perf_counter()
+        defense.train()
+        defense.fit(train, preset=preset, device=device, progress=progress)
+        defense.fitted = True
+        info["fit_seconds"] = time.perf_counter() - t0
+        save_artifact(defense, path, meta)
+    info.update(artifact=str(path), artifact_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    defense.eval()
+    return defense, info
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu "
+                         "or auto")
+    return device

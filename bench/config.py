@@ -1,0 +1,262 @@
+"""The benchmark configuration: a dataclass built from a YAML file, a preset or CLI flags.
+
+Validation happens here, before anything runs or is stored, and every problem is a
+:class:`ConfigError` whose message is one line naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+THREATS = ("linf", "l2", "none")
+SCHEDULES = ("full", "worst-case")
+MAX_N = 1_000_000
+MAX_BATCH = 65_536
+
+
+class ConfigError(ValueError):
+    """A malformed benchmark configuration (one-line message with the fix)."""
+
+
+@dataclass
+class ComponentSpec:
+    """A registry name plus options; ``label`` is the name shown in tables."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.label:
+            self.label = self.name
+
+
+@dataclass
+class DatasetSpec:
+    name: str
+    n: int = 100
+    options: dict[str, Any] = field(default_factory=dict)  # root, source, resolution, split
+
+
+@dataclass
+class BenchmarkConfig:
+    name: str = "custom"
+    datasets: list[DatasetSpec] = field(default_factory=list)
+    defenses: list[ComponentSpec] = field(default_factory=list)
+    attacks: list[ComponentSpec] = field(default_factory=list)
+    #: threat -> list of epsilons; an empty list means the dataset's default epsilon
+    threat_models: dict[str, list[float]] = field(default_factory=lambda: {"linf": []})
+    seed: int = 0
+    device: str = "auto"
+    batch_size: int = 100
+    schedule: str = "full"
+    random_draws: int = 5
+    fit_preset: str = "quick"
+    run_dir: str = "runs/default"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def config_hash(self) -> str:
+        d = self.to_dict()
+        d.pop("run_dir", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+_TOP_KEYS = {f for f in BenchmarkConfig.__dataclass_fields__}
+
+
+def parse_eps(value: Any, where: str = "epsilon") -> float:
+    """A number, or a string like ``"8/255"``; rejects NaN, infinities and negatives."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{where}: expected a number, got {value!r}; write e.g. 8/255 or 0.5")
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(?:/\s*([0-9.eE+-]+)\s*)?", value)
+        try:
+            if not m:
+                raise ValueError
+            value = float(m.group(1)) / (float(m.group(2)) if m.group(2) else 1.0)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{where}: cannot read {value!r} as a number; write e.g. 8/255 "
+                              "or 0.5") from None
+    if not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {type(value).__name__} {value!r}; "
+                          "write e.g. 8/255 or 0.5")
+    value = float(value)
+    if math.isnan(value) or math.isinf(value) or value < 0:
+        raise ConfigError(f"{where}: must be a finite number >= 0, got {value}; e.g. 8/255")
+    return value
+
+
+def _int(value: Any, where: str, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    try:
+        f = float(value)
+        if not math.isfinite(f) or f != int(f):
+            raise ValueError
+        i = int(f)
+    except (ValueError, OverflowError):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if not lo <= i <= hi:
+        raise ConfigError(f"{where}: must be between {lo} and {hi}, got {i}")
+    return i
+
+
+def _name(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: expected a registry name (a non-empty string), got {value!r}")
+    if not re.fullmatch(r"[A-Za-z0-9_.@:+\-\[\]=,/ ]{1,200}", value):
+        raise ConfigError(f"{where}: {value!r} contains characters not allowed in a name; use "
+                          "letters, digits and _ - . @ :")
+    return value.strip()
+
+
+def _component(item: Any, where: str) -> ComponentSpec:
+    if isinstance(item, str):
+        return ComponentSpec(_name(item, where))
+    if isinstance(item, dict):
+        item = dict(item)
+        if "name" not in item:
+            raise ConfigError(f"{where}: each entry needs a 'name' key, got keys {sorted(item)}")
+        name = _name(item.pop("name"), where + ".name")
+        label = item.pop("label", "") or ""
+        if not isinstance(label, str):
+            raise ConfigError(f"{where}.label: expected a string, got {label!r}")
+        options = item.pop("options", {}) or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"{where}.options: expected a mapping, got {options!r}")
+        options.update(item)
+        return ComponentSpec(name, options, label)
+    raise ConfigError(f"{where}: expected a name or a mapping with 'name', got {item!r}")
+
+
+def _unique_labels(specs: list[ComponentSpec], kind: str) -> None:
+    seen: dict[str, ComponentSpec] = {}
+    for s in specs:
+        if s.label in seen:
+            if seen[s.label].options == s.options:
+                raise ConfigError(f"{kind} '{s.label}' is listed twice; remove the duplicate")
+            raise ConfigError(f"two {kind}s are labelled '{s.label}' with different options; give "
+                              "each a distinct 'label:'")
+        seen[s.label] = s
+
+
+def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
+    """Validate a raw mapping (from YAML or flags) into a :class:`BenchmarkConfig`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got "
+                          f"{type(raw).__name__}")
+    unknown = set(raw) - _TOP_KEYS - {"n", "epsilons"}
+    if unknown:
+        import difflib
+
+        k = sorted(map(str, unknown))[0]
+        close = difflib.get_close_matches(k, _TOP_KEYS, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {sorted(_TOP_KEYS)}"
+        raise ConfigError(f"{source}: unknown key '{k}'{hint}")
+    cfg = BenchmarkConfig()
+    if "name" in raw:
+        cfg.name = _name(str(raw["name"]), "name")
+    n_default = _int(raw.get("n", 100), "n", 1, MAX_N)
+
+    datasets = raw.get("datasets", ["cifar10"])
+    if isinstance(datasets, str):
+        datasets = [datasets]
+    if not isinstance(datasets, list) or not datasets:
+        raise ConfigError(f"{source}: 'datasets' must be a non-empty list, e.g. [cifar10]")
+    for i, d in enumerate(datasets):
+        spec = _component(d, f"datasets[{i}]")
+        n = _int(spec.options.pop("n", n_default), f"datasets[{i}].n", 1, MAX_N)
+        cfg.datasets.append(DatasetSpec(spec.name, n, spec.options))
+
+    for key, kind in (("defenses", "defense"), ("attacks", "attack")):
+        items = raw.get(key)
+        if isinstance(items, str):
+            items = [items]
+        if not isinstance(items, list) or not items:
+            raise ConfigError(f"{source}: '{key}' must be a non-empty list of {kind} names, e.g. "
+                              f"[{'undefended' if kind == 'defense' else 'pgd'}]")
+        specs = [_component(x, f"{key}[{i}]") for i, x in enumerate(items)]
+        _unique_labels(specs, kind)
+        setattr(cfg, key, specs)
+
+    tm = raw.get("threat_models", {"linf": []})
+    if isinstance(tm, str):
+        tm = [tm]
+    if isinstance(tm, list):
+        tm = {t: [] for t in tm}
+    if not isinstance(tm, dict) or not tm:
+        raise ConfigError(f"{source}: 'threat_models' must map a threat (linf, l2) to a list of "
+                          "epsilons, e.g. {linf: [8/255]}")
+    cfg.threat_models = {}
+    for t, eps_list in tm.items():
+        if t not in THREATS:
+            raise ConfigError(f"threat_models: unknown threat {t!r}; use one of {list(THREATS)}")
+        if eps_list is None:
+            eps_list = []
+        if not isinstance(eps_list, list):
+            eps_list = [eps_list]
+        parsed = [parse_eps(e, f"threat_models.{t}") for e in eps_list]
+        if t == "linf":
+            for e in parsed:
+                if e > 1:
+                    raise ConfigError(f"threat_models.linf: epsilon {e} exceeds the [0, 1] image "
+                                      f"range; did you mean {e}/255?")
+        cfg.threat_models[t] = parsed
+
+    cfg.seed = _int(raw.get("seed", 0), "seed", 0, 2**32 - 1)
+    cfg.batch_size = _int(raw.get("batch_size", 100), "batch_size", 1, MAX_BATCH)
+    cfg.random_draws = _int(raw.get("random_draws", 5), "random_draws", 1, 1000)
+    device = raw.get("device", "auto")
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
+        raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
+    cfg.device = device
+    schedule = raw.get("schedule", "full")
+    if schedule not in SCHEDULES:
+        raise ConfigError(f"schedule: expected one of {list(SCHEDULES)}, got {schedule!r}")
+    cfg.schedule = schedule
+    fp = raw.get("fit_preset", "quick")
+    if fp not in ("quick", "full", "tiny"):
+        raise ConfigError(f"fit_preset: expected quick, full or tiny, got {fp!r}")
+    cfg.fit_preset = fp
+    if "run_dir" in raw:
+        if not isinstance(raw["run_dir"], str) or not raw["run_dir"]:
+            raise ConfigError(f"run_dir: expected a path, got {raw['run_dir']!r}")
+        cfg.run_dir = raw["run_dir"]
+    else:
+        cfg.run_dir = f"runs/{cfg.name}"
+    return cfg
+
+
+def load_config(path_or_preset: str) -> BenchmarkConfig:
+    """A preset name (``smoke``, ``quick``, ``full``) or a path to a YAML file."""
+    p = Path(path_or_preset)
+    if not p.suffix and (PRESETS_DIR / f"{path_or_preset}.yaml").exists():
+        p = PRESETS_DIR / f"{path_or_preset}.yaml"
+    if not p.exists():
+        presets = sorted(x.stem for x in PRESETS_DIR.glob("*.yaml"))
+        raise ConfigError(f"no preset or config file '{path_or_preset}'; use a preset "
+                          f"({', '.join(presets)}) or a path to a YAML file")
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read the file ({exc})") from None
+    return config_from_dict(raw, source=str(p))
+
+
+def list_presets() -> list[str]:
+    return sorted(x.stem for x in PRESETS_DIR.glob("*.yaml"))

@@ -1,0 +1,242 @@
+"""The result store: SQLite (WAL) in the run directory.
+
+Schema (``SCHEMA_VERSION`` bumps invalidate cell keys):
+
+* ``cells``: one row per (dataset, defense, attack, threat, eps) cell, keyed by a content hash of
+  every input (data fingerprint, defense config and weights sha256, attack config, epsilon,
+  seed, batch size, and, under worst-case scheduling, the keys of the cells it depends on).
+  Status ``running`` until every batch is in, then ``done``; provenance, flags and metrics are
+  JSON columns.
+* ``batches``: one row per committed batch of a cell (the unit of resume) with the sha256 of
+  its stored adversarial tensors.
+* ``samples``: one row per sample per cell: the stored unit of the benchmark.
+
+Every batch is written in ONE transaction together with its batch row, so a kill at any point
+leaves either the whole batch or none of it; a resumed run recomputes only missing batches.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+SCHEMA_VERSION = 1
+
+SAMPLE_FIELDS = (
+    "idx", "sample_id", "label", "attacked", "clean_correct", "clean_flagged", "adv_correct",
+    "adv_flagged", "robust", "norm", "iterations", "forward_passes", "backward_passes",
+    "any_iterate_adversarial", "adv_pred",
+)
+
+_DDL = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS cells (
+    key TEXT PRIMARY KEY,
+    dataset TEXT NOT NULL, defense TEXT NOT NULL, attack TEXT NOT NULL,
+    threat TEXT NOT NULL, eps REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('running', 'done')),
+    n_batches INTEGER NOT NULL,
+    spec TEXT NOT NULL, provenance TEXT, flags TEXT, metrics TEXT,
+    adv_sha256 TEXT, wall_time REAL, forward_passes INTEGER, backward_passes INTEGER,
+    created REAL NOT NULL, finished REAL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    cell_key TEXT NOT NULL REFERENCES cells(key), batch INTEGER NOT NULL,
+    adv_path TEXT, adv_sha256 TEXT, wall_time REAL, extras TEXT,
+    PRIMARY KEY (cell_key, batch)
+);
+CREATE TABLE IF NOT EXISTS samples (
+    cell_key TEXT NOT NULL REFERENCES cells(key),
+    idx INTEGER NOT NULL, sample_id TEXT NOT NULL, label INTEGER NOT NULL,
+    attacked INTEGER NOT NULL, clean_correct INTEGER NOT NULL, clean_flagged INTEGER,
+    adv_correct INTEGER, adv_flagged INTEGER, robust INTEGER NOT NULL,
+    norm REAL, iterations INTEGER, forward_passes INTEGER, backward_passes INTEGER,
+    any_iterate_adversarial INTEGER, adv_pred INTEGER,
+    PRIMARY KEY (cell_key, sample_id)
+);
+CREATE INDEX IF NOT EXISTS samples_by_cell ON samples(cell_key);
+"""
+
+
+class StoreError(RuntimeError):
+    """A store that cannot be opened or written; the message names the fix."""
+
+
+@dataclass
+class CellRow:
+    key: str
+    dataset: str
+    defense: str
+    attack: str
+    threat: str
+    eps: float
+    status: str
+    n_batches: int
+    spec: dict
+    provenance: dict
+    flags: list
+    metrics: dict
+    adv_sha256: str | None
+    wall_time: float | None
+    forward_passes: int | None
+    backward_passes: int | None
+
+
+class ResultStore:
+    """A thin, explicit layer over one SQLite file."""
+
+    def __init__(self, path: str | os.PathLike, *, readonly: bool = False) -> None:
+        self.path = Path(path)
+        if readonly:
+            if not self.path.exists():
+                raise StoreError(f"no result store at {self.path}; run `robustmatrix run` first "
+                                 "or pass --run-dir pointing at an existing run")
+            uri = f"file:{self.path}?mode=ro"
+            self.conn = sqlite3.connect(uri, uri=True, timeout=30)
+        else:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+                self.conn.executescript(_DDL)
+                self._check_schema()
+            except (sqlite3.OperationalError, OSError) as exc:
+                raise StoreError(f"cannot open the result store {self.path} for writing ({exc}); "
+                                 "check the directory is writable and the disk is not full, or "
+                                 "choose another --run-dir") from exc
+        self.conn.row_factory = sqlite3.Row
+
+    def _check_schema(self) -> None:
+        row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        if row is None:
+            self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
+                              (str(SCHEMA_VERSION),))
+        elif int(row[0]) != SCHEMA_VERSION:
+            raise StoreError(f"the store {self.path} has schema {row[0]}, this robustmatrix "
+                             f"writes schema {SCHEMA_VERSION}; use a new --run-dir")
+
+    def close(self) -> None:
+        self.conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise StoreError(f"the store {self.path} is locked or not writable ({exc}); another "
+                             "run may be writing it: wait for it or use another --run-dir") from exc
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                self.conn.execute("COMMIT")
+            except sqlite3.OperationalError as exc:
+                self.conn.execute("ROLLBACK")
+                raise StoreError(f"could not commit to {self.path} ({exc}); is the disk full or "
+                                 "read-only? Nothing already stored was lost.") from exc
+
+    # cells ------------------------------------------------------------------------------------
+    def cell(self, key: str) -> CellRow | None:
+        r = self.conn.execute("SELECT * FROM cells WHERE key=?", (key,)).fetchone()
+        return _cell_row(r) if r else None
+
+    def cells(self, status: str | None = "done") -> list[CellRow]:
+        q = "SELECT * FROM cells" + (" WHERE status=?" if status else "") + " ORDER BY created"
+        return [_cell_row(r) for r in self.conn.execute(q, (status,) if status else ())]
+
+    def begin_cell(self, key: str, *, dataset: str, defense: str, attack: str, threat: str,
+                   eps: float, n_batches: int, spec: dict, provenance: dict) -> None:
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR IGNORE INTO cells (key, dataset, defense, attack, threat, eps, status, "
+                "n_batches, spec, provenance, created) VALUES (?,?,?,?,?,?,'running',?,?,?,?)",
+                (key, dataset, defense, attack, threat, float(eps), n_batches, _dumps(spec),
+                 _dumps(provenance), time.time()))
+
+    def done_batches(self, key: str) -> set[int]:
+        return {r[0] for r in self.conn.execute("SELECT batch FROM batches WHERE cell_key=?", (key,))}
+
+    def add_batch(self, key: str, batch: int, rows: Iterable[dict], *, adv_path: str | None,
+                  adv_sha256: str | None, wall_time: float, extras: dict | None = None) -> bool:
+        """Insert a batch and its sample rows atomically; False if it was already there."""
+        with self.transaction() as c:
+            if c.execute("SELECT 1 FROM batches WHERE cell_key=? AND batch=?", (key, batch)).fetchone():
+                return False
+            c.execute("INSERT INTO batches VALUES (?,?,?,?,?,?)",
+                      (key, batch, adv_path, adv_sha256, wall_time, _dumps(extras or {})))
+            placeholders = ",".join("?" * (len(SAMPLE_FIELDS) + 1))
+            c.executemany(f"INSERT INTO samples (cell_key, {', '.join(SAMPLE_FIELDS)}) "
+                          f"VALUES ({placeholders})",
+                          [(key, *[_py(r.get(f)) for f in SAMPLE_FIELDS]) for r in rows])
+        return True
+
+    def finish_cell(self, key: str, *, flags: list, metrics: dict, provenance: dict) -> None:
+        with self.transaction() as c:
+            shas = [r[0] or "" for r in c.execute(
+                "SELECT adv_sha256 FROM batches WHERE cell_key=? ORDER BY batch", (key,))]
+            import hashlib
+
+            agg = hashlib.sha256("".join(shas).encode()).hexdigest()
+            tot = c.execute("SELECT SUM(wall_time) FROM batches WHERE cell_key=?", (key,)).fetchone()[0]
+            fb = c.execute("SELECT SUM(forward_passes), SUM(backward_passes) FROM samples "
+                           "WHERE cell_key=?", (key,)).fetchone()
+            c.execute("UPDATE cells SET status='done', flags=?, metrics=?, provenance=?, "
+                      "adv_sha256=?, wall_time=?, forward_passes=?, backward_passes=?, finished=? "
+                      "WHERE key=?", (_dumps(flags), _dumps(metrics), _dumps(provenance), agg,
+                                      tot or 0.0, fb[0] or 0, fb[1] or 0, time.time(), key))
+
+    def samples(self, key: str) -> list[dict]:
+        return [dict(r) for r in self.conn.execute(
+            "SELECT * FROM samples WHERE cell_key=? ORDER BY idx", (key,))]
+
+    def batch_extras(self, key: str) -> list[dict]:
+        return [json.loads(r[0] or "{}") for r in self.conn.execute(
+            "SELECT extras FROM batches WHERE cell_key=? ORDER BY batch", (key,))]
+
+    def batches(self, key: str) -> list[dict]:
+        return [dict(r) for r in self.conn.execute(
+            "SELECT * FROM batches WHERE cell_key=? ORDER BY batch", (key,))]
+
+    def samples_frame(self):
+        """All samples of finished cells joined with their cell columns (a pandas DataFrame)."""
+        import pandas as pd
+
+        return pd.read_sql_query(
+            "SELECT c.key AS cell_key, c.dataset, c.defense, c.attack, c.threat, c.eps, s.* "
+            "FROM samples s JOIN cells c ON c.key = s.cell_key WHERE c.status='done'", self.conn
+        ).loc[:, lambda df: ~df.columns.duplicated()]
+
+    def counts(self) -> dict[str, int]:
+        return {t: self.conn.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0]
+                for t in ("cells", "batches", "samples")}
+
+
+def _cell_row(r: sqlite3.Row) -> CellRow:
+    return CellRow(key=r["key"], dataset=r["dataset"], defense=r["defense"], attack=r["attack"],
+                   threat=r["threat"], eps=r["eps"], status=r["status"], n_batches=r["n_batches"],
+                   spec=json.loads(r["spec"] or "{}"), provenance=json.loads(r["provenance"] or "{}"),
+                   flags=json.loads(r["flags"] or "[]"), metrics=json.loads(r["metrics"] or "{}"),
+                   adv_sha256=r["adv_sha256"], wall_time=r["wall_time"],
+                   forward_passes=r["forward_passes"], backward_passes=r["backward_passes"])
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, default=str, allow_nan=True)
+
+
+def _py(v: Any) -> Any:
+    if hasattr(v, "item"):
+        return v.item()
+    if isinstance(v, bool):
+        return int(v)
+    return v
