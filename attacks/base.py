@@ -141,8 +141,10 @@ class Attack:
         counter = AttackTracer(model, images, labels, traced_eps, self.threat)
         devices = [images.device] if images.device.type == "cuda" else []
         try:
+            #: the seed of this call; attacks that seed a library themselves read it
+            self.current_seed = self.seed if seed is None else int(seed)
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.seed if seed is None else int(seed))
+                torch.manual_seed(self.current_seed)
                 result = self.run(counter, images, labels, eps)
         finally:
             model.train(was_training)

@@ -132,7 +132,8 @@ class AutoAttack(Attack):
         norm = {"linf": "Linf", "l2": "L2"}[self.threat]
         version = o["version"]
         custom = version in ("cheap", "custom")
-        aa = _AutoAttack(model, norm=norm, eps=eps, seed=self.seed, device=device,
+        seed = getattr(self, "current_seed", self.seed)
+        aa = _AutoAttack(model, norm=norm, eps=eps, seed=seed, device=device,
                          version="custom" if custom else version,
                          attacks=o["attacks"] if custom else None)
         if custom and not o["attacks"]:

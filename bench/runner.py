@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -352,6 +354,7 @@ class MatrixRunner:
             self.store.add_batch(key, b, rows, adv_path=adv_path, adv_sha256=sha,
                                  wall_time=time.perf_counter() - t0, extras=records)
             summary.batches_computed += 1
+            _fault_injection(summary.batches_computed)
         extras = self.store.batch_extras(key)
         agg = {"silent_success": sum(e.get("silent_success", 0) for e in extras),
                "loss_still_moving": max([e.get("loss_still_moving", 0) or 0 for e in extras] or [0])}
@@ -360,6 +363,14 @@ class MatrixRunner:
         metrics = {"n_attacked": int(len(subset)), "records": agg}
         self.store.finish_cell(key, flags=flags, metrics=metrics,
                                provenance={**prov_base, "attack": repr(attack) if attack else CLEAN})
+
+
+def _fault_injection(batches_done: int) -> None:
+    """Crash-safety testing: ``ROBUSTMATRIX_KILL_AFTER_BATCHES=N`` SIGKILLs this process right
+    after its N-th committed batch (used by the kill/resume tests; never set in normal use)."""
+    n = os.environ.get("ROBUSTMATRIX_KILL_AFTER_BATCHES")
+    if n and batches_done == int(n):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_benchmark(cfg: BenchmarkConfig, **kw: Any) -> RunSummary:

@@ -1,0 +1,300 @@
+"""The command line: ``robustmatrix run | list | leaderboard | fit``.
+
+Every expected failure (bad config, unknown name, missing data, checksum mismatch, unusable
+store) ends with ONE line, ``robustmatrix: error: ...``, naming the problem and the fix, and
+exit status 2. Nothing already stored is touched by a failing command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+EXAMPLES = """
+examples:
+  robustmatrix run                      # the quick preset: CIFAR-10, a few minutes on a CPU
+  robustmatrix run smoke                # seconds, synthetic data (what the tests use)
+  robustmatrix run my_matrix.yaml       # your own config (see bench/presets/*.yaml)
+  robustmatrix run quick --defense undefended --attack pgd --n 50 --threat linf=4/255
+  robustmatrix list defenses            # what can be benchmarked
+  robustmatrix leaderboard --run-dir runs/quick
+  robustmatrix fit srd --dataset cifar10 --preset quick
+"""
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from attacks.base import Attack  # noqa: F401  (import check)
+    from bench.artifacts import ArtifactError
+    from bench.config import ConfigError
+    from bench.registry import RegistryError
+    from bench.store import StoreError
+
+    errs: list[type[BaseException]] = [ConfigError, RegistryError, StoreError, ArtifactError]
+    try:
+        from bench.data import DataError
+        errs.append(DataError)
+    except ImportError:
+        pass
+    try:
+        from bench.models import ChecksumError
+        errs.append(ChecksumError)
+    except ImportError:
+        pass
+    from defenses.base import DefenseNotFittedError
+
+    errs.append(DefenseNotFittedError)
+    return tuple(errs)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="robustmatrix", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Adversarial robustness benchmark: every defense against every attack, with "
+                    "adaptive attacks, reliability flags and a resumable result store.",
+        epilog=EXAMPLES)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run a benchmark matrix (a preset or a YAML config)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES)
+    r.add_argument("config", nargs="?", default="quick",
+                   help="preset (smoke, quick, full) or path to a YAML config [quick]")
+    r.add_argument("--dataset", action="append", help="replace the datasets (repeatable)")
+    r.add_argument("--defense", action="append", help="replace the defenses (repeatable)")
+    r.add_argument("--attack", action="append", help="replace the attacks (repeatable)")
+    r.add_argument("--threat", action="append", metavar="THREAT[=EPS,...]",
+                   help="replace the threat models, e.g. linf=8/255 or l2=0.5 (repeatable)")
+    r.add_argument("--n", type=str, help="examples per dataset")
+    r.add_argument("--seed", type=str, help="seed for data subset and attacks")
+    r.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    r.add_argument("--batch-size", type=str, help="examples per attack batch")
+    r.add_argument("--schedule", choices=["full", "worst-case"],
+                   help="full: every attack on every sample; worst-case: later attacks only on "
+                        "samples still unbroken (AutoAttack-style)")
+    r.add_argument("--data-root", help="folder holding the datasets (else ROBUSTMATRIX_DATA, "
+                                       "../shared/data, or download)")
+    r.add_argument("--run-dir", help="where the store and tables go [runs/<config name>]")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--show-cost", action="store_true", help="add pass counts and wall time")
+
+    ls = sub.add_parser("list", help="list registered defenses, attacks, datasets, models, presets")
+    ls.add_argument("what", nargs="?", default="all",
+                    choices=["all", "defenses", "attacks", "datasets", "models", "presets"])
+    ls.add_argument("--pattern", default="*", help="fnmatch pattern, e.g. 'pgd*'")
+    ls.add_argument("--tests", action="store_true", help="include the tiny test_* entries")
+
+    lb = sub.add_parser("leaderboard", help="print and write the leaderboard of a run")
+    lb.add_argument("--run-dir", default="runs/quick", help="the run directory [runs/quick]")
+    lb.add_argument("--out", help="where to write the tables [<run-dir>/leaderboard]")
+    lb.add_argument("--worst-case-only", action="store_true", help="hide per-attack columns")
+    lb.add_argument("--show-cost", action="store_true", help="add pass counts and wall time")
+
+    f = sub.add_parser("fit", help="train a defense's trainable parts (cached by content)")
+    f.add_argument("defense")
+    f.add_argument("--dataset", default="cifar10")
+    f.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"])
+    f.add_argument("--resolution", type=int, help="image size (ImageNet-10)")
+    f.add_argument("--data-root")
+    f.add_argument("--device", default="auto")
+    f.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="defense option (repeatable), value parsed as YAML")
+    f.add_argument("--report", action="store_true",
+                   help="also write the defense's report (metrics, figures) when it has one")
+    f.add_argument("--out", help="folder for reports and figures [runs/fit/<defense>]")
+    return p
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.config import ConfigError
+
+    o: dict[str, Any] = {}
+    if args.dataset:
+        o["datasets"] = list(args.dataset)
+    if args.defense:
+        o["defenses"] = list(args.defense)
+    if args.attack:
+        o["attacks"] = list(args.attack)
+    if args.threat:
+        tm: dict[str, list] = {}
+        for t in args.threat:
+            name, _, eps = t.partition("=")
+            if not name:
+                raise ConfigError(f"--threat {t!r}: write THREAT or THREAT=EPS, e.g. linf=8/255")
+            tm[name] = [e for e in eps.split(",") if e] if eps else []
+        o["threat_models"] = tm
+    for key in ("n", "seed", "device", "batch_size", "schedule", "run_dir"):
+        v = getattr(args, key, None)
+        if v is not None:
+            o[key] = v
+    return o
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    import yaml
+
+    from bench.config import PRESETS_DIR, config_from_dict
+    from bench.runner import MatrixRunner
+    from leaderboard.formats import to_markdown, write_all
+    from leaderboard.table import build_tables
+
+    path = Path(args.config)
+    if not path.suffix and (PRESETS_DIR / f"{args.config}.yaml").exists():
+        path = PRESETS_DIR / f"{args.config}.yaml"
+    if not path.exists():
+        from bench.config import load_config
+        load_config(args.config)  # raises the one-line error
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError:
+        from bench.config import load_config
+        load_config(str(path))
+        raise
+    if not isinstance(raw, dict):
+        raw = {"__invalid__": raw}
+    raw.update(_overrides(args))
+    if args.data_root:
+        ds = raw.get("datasets", ["cifar10"])
+        ds = [ds] if isinstance(ds, str) else ds
+        raw["datasets"] = [({"name": d, "root": args.data_root} if isinstance(d, str)
+                            else {**d, "root": args.data_root}) for d in ds]
+    cfg = config_from_dict(raw, source=str(path))
+    _validate_names(cfg)
+    runner = MatrixRunner(cfg, progress=not args.no_progress, log=_info)
+    _info(f"running '{cfg.name}' on {runner.device}; results in {runner.run_dir}")
+    summary = runner.run()
+    _info(f"{summary.cells_computed} cells computed, {summary.cells_reused} reused "
+          f"({summary.batches_computed} batches) in {summary.wall_time:.1f} s")
+    tables = build_tables(runner.store, show_cost=args.show_cost)
+    print(to_markdown(tables))
+    out = write_all(runner.store, runner.run_dir / "leaderboard", show_cost=args.show_cost)
+    _info(f"tables written to {out['markdown'].parent}")
+    del dataclasses
+    return 0
+
+
+def _validate_names(cfg) -> None:
+    """Fail fast, before any work, on an unknown dataset, defense or attack name."""
+    from bench.registry import ATTACKS, DATASETS, DEFENSES
+
+    for d in cfg.datasets:
+        DATASETS.get(d.name)
+    for d in cfg.defenses:
+        DEFENSES.get(d.name)
+    for a in cfg.attacks:
+        ATTACKS.get(a.name)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from bench.config import list_presets
+    from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS
+
+    regs = {"defenses": DEFENSES, "attacks": ATTACKS, "datasets": DATASETS, "models": MODELS}
+    kinds = list(regs) + ["presets"] if args.what == "all" else [args.what]
+    for kind in kinds:
+        if kind == "presets":
+            names = list_presets()
+            docs = {n: "" for n in names}
+        else:
+            reg = regs[kind]
+            names = reg.list(args.pattern, include_test=args.tests)
+            docs = {n: _first_line(reg.get(n).__doc__) for n in names}
+        print(f"{kind}:")
+        for n in names:
+            print(f"  {n:28s} {docs[n]}")
+    return 0
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench.store import ResultStore
+    from leaderboard.formats import to_markdown, write_all
+    from leaderboard.table import build_tables
+
+    store = ResultStore(Path(args.run_dir) / "results.sqlite", readonly=True)
+    tables = build_tables(store, per_attack=not args.worst_case_only, show_cost=args.show_cost)
+    if not tables:
+        _info(f"no finished cells in {args.run_dir} yet")
+        return 0
+    print(to_markdown(tables))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "leaderboard"
+    write_all(store, out, per_attack=not args.worst_case_only, show_cost=args.show_cost)
+    _info(f"tables written to {out}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    import time
+
+    import yaml
+
+    from bench.artifacts import prepare_defense, resolve_device
+    from bench.config import ConfigError
+    from bench.registry import DEFENSES
+
+    DEFENSES.get(args.defense)
+    options: dict[str, Any] = {}
+    for kv in args.option:
+        k, sep, v = kv.partition("=")
+        if not sep or not k:
+            raise ConfigError(f"--option {kv!r}: write KEY=VALUE, e.g. --option epochs=2")
+        options[k] = yaml.safe_load(v)
+    ds_opts: dict[str, Any] = {}
+    if args.resolution:
+        ds_opts["resolution"] = args.resolution
+    if args.data_root:
+        ds_opts["root"] = args.data_root
+    device = resolve_device(args.device)
+    t0 = time.perf_counter()
+    defense, info = prepare_defense(args.defense, options, dataset=args.dataset,
+                                    dataset_options=ds_opts, device=device, preset=args.preset,
+                                    progress=True, log=_info)
+    took = time.perf_counter() - t0
+    if not getattr(defense, "trainable", False):
+        _info(f"{args.defense} has nothing to fit")
+    else:
+        state = "fitted" if info["fit_seconds"] else "reused cached artifact"
+        _info(f"{args.defense} on {args.dataset}: {state} in {took:.1f} s -> {info['artifact']}")
+    if args.report and hasattr(defense, "report"):
+        out = Path(args.out or f"runs/fit/{args.defense}")
+        out.mkdir(parents=True, exist_ok=True)
+        from bench.data import load_eval
+
+        data = load_eval(args.dataset, 500, **ds_opts)
+        rep = defense.report(data, out)
+        import json
+
+        (out / "report.json").write_text(json.dumps(rep, indent=2, default=str))
+        print(json.dumps(rep, indent=2, default=str))
+    return 0
+
+
+def _info(msg: str) -> None:
+    print(f"robustmatrix: {msg}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    handlers = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "fit": cmd_fit}
+    try:
+        return handlers[args.command](args)
+    except _expected_errors() as exc:
+        print(f"robustmatrix: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robustmatrix: interrupted; finished batches are stored, run the same command "
+              "again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Leaderboard tables: one pandas DataFrame per (dataset, threat model, epsilon).
+
+Rows are defenses; columns are clean accuracy, robust accuracy per attack, and the worst case:
+a sample is robust only if it is clean-correct (not rejected) and NO attack broke it
+(a per-sample AND, never a minimum of averages). Every accuracy carries a 95% Wilson interval;
+defenses whose worst-case intervals overlap share a rank ("=").
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+
+from bench.store import ResultStore
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval for k successes out of n (robust for small n and k = 0, n)."""
+    if n <= 0:
+        return (float("nan"), float("nan"))
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+@dataclass
+class Accuracy:
+    k: int
+    n: int
+
+    @property
+    def value(self) -> float:
+        return self.k / self.n if self.n else float("nan")
+
+    @property
+    def ci(self) -> tuple[float, float]:
+        return wilson_interval(self.k, self.n)
+
+    def as_dict(self) -> dict[str, Any]:
+        lo, hi = self.ci
+        return {"accuracy": self.value, "ci_low": lo, "ci_high": hi, "k": self.k, "n": self.n}
+
+
+def _group_key(row) -> tuple[str, str, float]:
+    return (row["dataset"], row["threat"], round(float(row["eps"]), 8))
+
+
+def build_records(store: ResultStore) -> list[dict[str, Any]]:
+    """One record per (dataset, threat, eps, defense): numbers stay numbers until rendering."""
+    df = store.samples_frame()
+    if df.empty:
+        return []
+    cells = {c.key: c for c in store.cells("done")}
+    clean = df[df["attack"] == "clean"]
+    attacked = df[df["attack"] != "clean"]
+    records = []
+    for (dataset, threat, eps), g in attacked.groupby(["dataset", "threat", "eps"], sort=True):
+        for defense, gd in g.groupby("defense", sort=False):
+            base = clean[(clean["dataset"] == dataset) & (clean["defense"] == defense)]
+            if base.empty:
+                continue
+            base = base.drop_duplicates("sample_id").set_index("sample_id")
+            clean_ok = (base["clean_correct"].astype(bool) & ~base["clean_flagged"].fillna(0)
+                        .astype(bool))
+            n = len(base)
+            robust = clean_ok.copy()
+            per_attack: dict[str, Any] = {}
+            flags: dict[str, dict] = {}
+            cost = {"forward_passes": 0, "backward_passes": 0, "wall_time": 0.0}
+            for attack, ga in gd.groupby("attack", sort=False):
+                ga = ga.drop_duplicates("sample_id").set_index("sample_id")
+                r = ga["robust"].astype(bool).reindex(base.index)
+                robust &= r.fillna(True).astype(bool)  # absent = not attacked (worst-case schedule)
+                complete = len(ga) == n
+                per_attack[attack] = {**Accuracy(int(r.fillna(False).sum()), n).as_dict(),
+                                      "complete": complete, "n_attacked": len(ga)}
+                for key in ga["cell_key"].unique():
+                    c = cells[key]
+                    cost["forward_passes"] += c.forward_passes or 0
+                    cost["backward_passes"] += c.backward_passes or 0
+                    cost["wall_time"] += c.wall_time or 0.0
+                    for f in c.flags:
+                        flags.setdefault(f["code"], {**f, "attacks": []})["attacks"].append(attack)
+            fpr = float(base["clean_flagged"].fillna(0).mean())
+            records.append({
+                "dataset": dataset, "threat": threat, "eps": float(eps), "defense": defense,
+                "n": n, "clean": Accuracy(int(clean_ok.sum()), n).as_dict(),
+                "attacks": per_attack, "worst_case": Accuracy(int(robust.sum()), n).as_dict(),
+                "flags": list(flags.values()), "cost": cost,
+                "detector_fpr": fpr if base["clean_flagged"].fillna(0).any() else None,
+            })
+    return records
+
+
+def _fmt(acc: dict[str, Any]) -> str:
+    return f"{100 * acc['accuracy']:.1f} [{100 * acc['ci_low']:.0f}, {100 * acc['ci_high']:.0f}]"
+
+
+def _eps_label(threat: str, eps: float) -> str:
+    if threat == "linf":
+        e255 = eps * 255
+        return f"Linf eps={round(e255)}/255" if abs(e255 - round(e255)) < 1e-6 else f"Linf eps={eps:.4g}"
+    return f"{threat.upper()} eps={eps:.4g}"
+
+
+def rank(records: list[dict[str, Any]]) -> list[int | str]:
+    """Ranks by worst case; a defense tied (overlapping CI) with the one above shares its rank."""
+    out: list[int | str] = []
+    prev = None
+    for i, r in enumerate(records):
+        lo_hi = (r["worst_case"]["ci_low"], r["worst_case"]["ci_high"])
+        if prev is not None and lo_hi[1] >= prev[1][0]:
+            out.append(f"={prev[0]}")
+            prev = (prev[0], (min(prev[1][0], lo_hi[0]), prev[1][1]))
+        else:
+            prev = (i + 1, lo_hi)
+            out.append(i + 1)
+    return out
+
+
+def build_tables(store: ResultStore, *, per_attack: bool = True, show_cost: bool = False
+                 ) -> dict[str, pd.DataFrame]:
+    """Display tables keyed by "dataset | threat eps" (strings are made only here)."""
+    recs = build_records(store)
+    groups: dict[tuple, list[dict]] = {}
+    for r in recs:
+        groups.setdefault((r["dataset"], r["threat"], r["eps"]), []).append(r)
+    tables = {}
+    for (dataset, threat, eps), rs in groups.items():
+        rs = sorted(rs, key=lambda r: (-r["worst_case"]["accuracy"], -r["clean"]["accuracy"]))
+        attacks = list(dict.fromkeys(a for r in rs for a in r["attacks"]))
+        rows = []
+        for rk, r in zip(rank(rs), rs):
+            row = {"Rank": rk, "Defense": r["defense"], "Clean %": _fmt(r["clean"])}
+            if per_attack:
+                for a in attacks:
+                    acc = r["attacks"].get(a)
+                    row[f"{a} %"] = ("" if acc is None else _fmt(acc) if acc["complete"]
+                                     else f"({acc['n_attacked']} attacked)")
+            row["Worst case %"] = _fmt(r["worst_case"])
+            if r["detector_fpr"] is not None:
+                row["Detector FPR %"] = f"{100 * r['detector_fpr']:.1f}"
+            if show_cost:
+                row["Fwd passes"] = r["cost"]["forward_passes"]
+                row["Bwd passes"] = r["cost"]["backward_passes"]
+                row["Wall s"] = round(r["cost"]["wall_time"], 1)
+            row["Flags"] = ", ".join(f["code"] for f in r["flags"]) or "-"
+            rows.append(row)
+        tables[f"{dataset} | {_eps_label(threat, eps)}"] = pd.DataFrame(rows)
+    return tables

@@ -1,0 +1,56 @@
+"""Leaderboard arithmetic: Wilson intervals, the per-sample worst case, tied ranks."""
+
+import math
+
+import pytest
+
+from bench.store import ResultStore
+from leaderboard.formats import to_markdown
+from leaderboard.table import build_records, build_tables, rank, wilson_interval
+
+
+def test_wilson_interval_known_values():
+    lo, hi = wilson_interval(50, 100)
+    assert math.isclose(lo, 0.4038, abs_tol=1e-3) and math.isclose(hi, 0.5962, abs_tol=1e-3)
+    lo, hi = wilson_interval(0, 20)
+    assert lo == 0.0 and math.isclose(hi, 0.1611, abs_tol=1e-3)
+    assert wilson_interval(20, 20)[1] == 1.0
+
+
+def _fill(store, attack, robust_by_sample, key):
+    n = len(robust_by_sample)
+    store.begin_cell(key, dataset="d", defense="D", attack=attack,
+                     threat="none" if attack == "clean" else "linf",
+                     eps=0.0 if attack == "clean" else 0.03, n_batches=1, spec={}, provenance={})
+    rows = [{"idx": i, "sample_id": f"s{i}", "label": 0, "attacked": int(attack != "clean"),
+             "clean_correct": 1, "clean_flagged": 0, "adv_correct": r, "adv_flagged": 0,
+             "robust": r} for i, r in enumerate(robust_by_sample)]
+    store.add_batch(key, 0, rows, adv_path=None, adv_sha256=None, wall_time=0.0)
+    store.finish_cell(key, flags=[], metrics={}, provenance={})
+    return n
+
+
+def test_worst_case_is_a_per_sample_and(tmp_path):
+    store = ResultStore(tmp_path / "r.sqlite")
+    _fill(store, "clean", [1, 1, 1, 1], "k0")
+    _fill(store, "a1", [0, 1, 1, 1], "k1")  # breaks sample 0
+    _fill(store, "a2", [1, 0, 1, 1], "k2")  # breaks sample 1
+    (rec,) = build_records(store)
+    assert rec["attacks"]["a1"]["accuracy"] == 0.75 and rec["attacks"]["a2"]["accuracy"] == 0.75
+    # a minimum of per-attack averages would say 75%; the per-sample AND says 50%
+    assert rec["worst_case"]["accuracy"] == 0.5
+    md = to_markdown(build_tables(store))
+    assert "50.0" in md and "Worst case %" in md
+
+
+def test_overlapping_intervals_share_a_rank():
+    def r(lo, hi):
+        return {"worst_case": {"ci_low": lo, "ci_high": hi}}
+
+    assert rank([r(0.6, 0.8), r(0.5, 0.65), r(0.1, 0.2)]) == [1, "=1", 3]
+
+
+@pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (3, 7), (999, 1000)])
+def test_wilson_contains_the_estimate(k, n):
+    lo, hi = wilson_interval(k, n)
+    assert 0 <= lo <= k / n <= hi <= 1
