@@ -32,6 +32,8 @@ class AttackResult:
     iterations: torch.Tensor | int | None = None
     #: per-sample: some intermediate iterate was adversarial (for the silent-success flag)
     any_iterate_adversarial: torch.Tensor | None = None
+    #: per-sample first valid adversarial iterate seen by the tracer (the input where none)
+    best_iterate: torch.Tensor | None = None
     forward_passes: int = 0
     backward_passes: int = 0
     extras: dict[str, Any] = field(default_factory=dict)
@@ -62,6 +64,7 @@ class AttackTracer(nn.Module):
         self.losses: list[torch.Tensor] = []
         self.any_adversarial = (torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
                                 if labels is not None else None)
+        self.best = images.detach().clone() if images is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
@@ -79,7 +82,10 @@ class AttackTracer(nn.Module):
                 norm = perturbation_norm(x.detach(), self._x0, self._threat)
                 valid = (norm <= self._eps + 1e-6) & (x.detach().flatten(1).amin(1) >= 0) & (
                     x.detach().flatten(1).amax(1) <= 1)
-                self.any_adversarial |= valid & (logits.argmax(1) != self._y)
+                new = valid & (logits.argmax(1) != self._y) & ~self.any_adversarial
+                if new.any():
+                    self.best[new] = x.detach()[new]
+                self.any_adversarial |= new
         return out
 
     def loss_trace(self) -> torch.Tensor | None:
@@ -137,8 +143,10 @@ class Attack:
             raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
         was_training = model.training
         model.eval()
-        traced_eps = float("inf") if self.threat == "none" or self.minimal_norm else eps
-        counter = AttackTracer(model, images, labels, traced_eps, self.threat)
+        traced_eps = float("inf") if self.threat == "none" else eps
+        # a fresh Module starts in training mode; libraries such as torchattacks read the
+        # wrapper's mode and "restore" it afterwards, which would put BatchNorm in training mode
+        counter = AttackTracer(model, images, labels, traced_eps, self.threat).eval()
         devices = [images.device] if images.device.type == "cuda" else []
         try:
             #: the seed of this call; attacks that seed a library themselves read it
@@ -155,6 +163,7 @@ class Attack:
             result.loss_trace = counter.loss_trace()
         if result.any_iterate_adversarial is None:
             result.any_iterate_adversarial = counter.any_adversarial.cpu()
+            result.best_iterate = counter.best
         return result
 
     # provenance ----------------------------------------------------------------------------

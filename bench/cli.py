@@ -31,7 +31,10 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from bench.registry import RegistryError
     from bench.store import StoreError
 
-    errs: list[type[BaseException]] = [ConfigError, RegistryError, StoreError, ArtifactError]
+    from bench.runner import AttackContractError
+
+    errs: list[type[BaseException]] = [ConfigError, RegistryError, StoreError, ArtifactError,
+                                       AttackContractError]
     try:
         from bench.data import DataError
         errs.append(DataError)

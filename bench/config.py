@@ -80,6 +80,11 @@ def parse_eps(value: Any, where: str = "epsilon") -> float:
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected a number, got {value!r}; write e.g. 8/255 or 0.5")
     if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, str):
         m = re.fullmatch(r"\s*([0-9.eE+-]+)\s*(?:/\s*([0-9.eE+-]+)\s*)?", value)
         try:
             if not m:

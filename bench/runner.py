@@ -78,8 +78,8 @@ def _hash(obj: Any) -> str:
 def attack_threats(spec: ComponentSpec) -> tuple[str, ...]:
     cls = ATTACKS.get(spec.name)
     threats = getattr(cls, "threats", None)
-    if threats is None:  # a factory function: build once to ask
-        threats = (create_attack(spec, None).threat,)
+    if threats is None:  # a factory function: build once and ask its class
+        threats = type(create_attack(spec, None)).threats
     only = spec.options.get("threat")
     return tuple(t for t in threats if only is None or t == only)
 
@@ -156,31 +156,51 @@ def check_adversarials(adv: torch.Tensor, x: torch.Tensor, eps: float, threat: s
 
 
 def attack_batch(defense, attack: Attack, x, y, eps, *, clean: Scored, seed: int,
-                 draws: int) -> tuple[list[dict], torch.Tensor, dict]:
-    """Run one attack on one batch and return per-sample rows, adversarials and records."""
+                 draws: int, best_iterate: bool = True) -> tuple[list[dict], torch.Tensor, dict]:
+    """Run one attack on one batch and return per-sample rows, adversarials and records.
+
+    With ``best_iterate`` (default), a sample whose returned point is not adversarial but
+    for which the tracer saw a valid adversarial iterate gets that iterate instead (many library
+    attacks return their LAST iterate); the count is recorded. Silent success is then what
+    remains: an iterate the attack saw as adversarial that re-scoring does not confirm.
+    """
     result = attack(defense, x, y, eps, seed=seed)
     adv, norm = check_adversarials(result.adv, x, eps, attack.threat, attack.minimal_norm,
                                    repr(attack))
     s = score(defense, adv, y, draws=draws, seed=seed)
+    anyadv = result.any_iterate_adversarial
+    anyadv = anyadv.to(s.correct.device) if anyadv is not None else torch.zeros_like(s.correct)
+    missed = anyadv & s.correct & ~s.flagged
+    recovered = 0
+    if best_iterate and missed.any() and result.best_iterate is not None:
+        cand, cnorm = check_adversarials(torch.where(missed.view(-1, 1, 1, 1), result.best_iterate,
+                                                     adv), x, eps, attack.threat, True, repr(attack))
+        s2 = score(defense, cand, y, draws=draws, seed=seed)
+        take = missed & ~(s2.correct | s2.flagged)
+        if take.any():
+            adv = torch.where(take.view(-1, 1, 1, 1), cand, adv)
+            norm = torch.where(take, cnorm, norm)
+            s = Scored(torch.where(take, s2.pred, s.pred), torch.where(take, s2.correct, s.correct),
+                       torch.where(take, s2.flagged, s.flagged))
+            recovered = int(take.sum())
     clean_ok = clean.correct & ~clean.flagged
     adv_ok = s.correct | s.flagged
     robust = clean_ok & adv_ok
     n = len(y)
     it = result.iterations
     iters = it.tolist() if isinstance(it, torch.Tensor) else [it] * n
-    anyadv = result.any_iterate_adversarial
-    silent = int(((anyadv.to(s.correct.device) if anyadv is not None else torch.zeros_like(robust))
-                  & s.correct & ~s.flagged & clean_ok).sum())
+    silent = int((anyadv & s.correct & ~s.flagged & clean_ok).sum())
     rows = [{"label": int(y[i]), "attacked": 1, "clean_correct": int(clean.correct[i]),
              "clean_flagged": int(clean.flagged[i]), "adv_correct": int(s.correct[i]),
              "adv_flagged": int(s.flagged[i]), "robust": int(robust[i]), "norm": float(norm[i]),
              "iterations": iters[i], "forward_passes": result.forward_passes // max(n, 1),
              "backward_passes": result.backward_passes // max(n, 1),
-             "any_iterate_adversarial": int(anyadv[i]) if anyadv is not None else None,
-             "adv_pred": int(s.pred[i])} for i in range(n)]
+             "any_iterate_adversarial": int(anyadv[i]), "adv_pred": int(s.pred[i])}
+            for i in range(n)]
     trace = result.loss_trace
-    records = {"silent_success": silent,
-               "loss_still_moving": flagmod.loss_still_moving(trace),
+    records = {"silent_success": silent, "recovered_best_iterates": recovered,
+               "loss_still_moving": (0.0 if attack.minimal_norm
+                                     else flagmod.loss_still_moving(trace)),
                "loss_trace": (trace.float().reshape(len(trace), -1).mean(1).tolist()
                               if trace is not None else None),
                "forward_passes": result.forward_passes, "backward_passes": result.backward_passes,
@@ -355,8 +375,15 @@ class MatrixRunner:
                                  wall_time=time.perf_counter() - t0, extras=records)
             summary.batches_computed += 1
             _fault_injection(summary.batches_computed)
+        if hasattr(defense, "fingerprint") and spec.get("defense_sha256") and \
+                defense.fingerprint() != spec["defense_sha256"]:
+            raise AttackContractError(
+                f"the defense's weights or buffers changed during {plan.attack_label} (e.g. "
+                "BatchNorm statistics updated in training mode); the cell is not stored as done. "
+                "Keep the defense in eval mode and do not mutate state in forward()")
         extras = self.store.batch_extras(key)
         agg = {"silent_success": sum(e.get("silent_success", 0) for e in extras),
+               "recovered_best_iterates": sum(e.get("recovered_best_iterates", 0) for e in extras),
                "loss_still_moving": max([e.get("loss_still_moving", 0) or 0 for e in extras] or [0])}
         flags = list(defense_flags) + flagmod.attack_checks(agg) if attack is not None else list(
             defense_flags)

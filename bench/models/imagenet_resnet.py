@@ -12,7 +12,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torchvision.models import resnet18 as tv_resnet18
 
 from bench.models.layers import IMAGENET_MEAN, IMAGENET_STD, Normalize, finish
 from bench.registry import MODELS
@@ -41,5 +40,7 @@ class ImageNetResNet(nn.Module):
 def resnet18_imagenet(num_classes: int = 10, mean: Sequence[float] = IMAGENET_MEAN,
                       std: Sequence[float] = IMAGENET_STD) -> ImageNetResNet:
     """torchvision ResNet-18 (11.2 M parameters), randomly initialised."""
+    from torchvision.models import resnet18 as tv_resnet18  # imported on use: start-up stays light
+
     model = ImageNetResNet(tv_resnet18(weights=None, num_classes=num_classes), mean, std)
     return finish(model, "resnet18_imagenet", num_classes, mean=mean, std=std)
