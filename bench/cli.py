@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--report", action="store_true",
                    help="also write the defense's report (metrics, figures) when it has one")
     f.add_argument("--out", help="folder for reports and figures [runs/fit/<defense>]")
+
+    from bench.submit import add_parsers as add_submission_parsers  # submit verify sweep publish
+
+    add_submission_parsers(sub)
     return p
 
 
@@ -288,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     handlers = {"run": cmd_run, "list": cmd_list, "leaderboard": cmd_leaderboard, "fit": cmd_fit}
+    from bench.submit import handlers as submission_handlers
+
+    handlers.update(submission_handlers())
     try:
         return handlers[args.command](args)
     except _expected_errors() as exc:

@@ -1,0 +1,309 @@
+"""Leaderboard entries: one JSON record per (defense, dataset, threat model, epsilon).
+
+An entry is what a submission leaves behind and what every published format is rendered from.
+It is self-describing and verifiable: it carries the numbers (with their counts, so the
+intervals can be recomputed), the flags, the compute spent, and the provenance needed to
+re-check it (``robustmatrix verify``) without re-running the attacks: the run directory, the
+cell keys, and the sha256 of every stored batch of adversarial tensors.
+
+Schema ``robustmatrix-entry-1`` (numbers stay numbers; accuracies are fractions in [0, 1])::
+
+    schema            "robustmatrix-entry-1"
+    entry_id          "<defense>/<dataset>/<threat>/<eps>" (also the file name, slugged)
+    defense           {name, label, registry_name, authors, paper, architecture, extra_data,
+                       notes, source: {kind: file|registry|entry_point, spec, path, class,
+                       sha256, snapshot}, options, structure}
+    dataset, threat, eps, n
+    clean             {accuracy, ci_low, ci_high, k, n}                     (Wilson 95%)
+    attacks           {label: {accuracy, ci_low, ci_high, k, n, complete, n_attacked,
+                       attack, options, cell_key, adv_sha256, batches: [{batch, path, sha256}]}}
+    worst_case        {accuracy, ci_low, ci_high, k, n}   per-sample AND over every attack
+    flags             [{code, title, seen, try, attacks?, source?}]   cell + contract flags
+    validation        the contract-check report (bench/validate.py)
+    cost              {forward_passes, backward_passes, attack_wall_time, total_wall_time,
+                       fit_seconds}
+    provenance        {code_version, packages, python, platform, device, date, seed,
+                       config_hash, config, checkpoint_sha256, artifact, artifact_sha256,
+                       data_fingerprint, sample_ids, sample_ids_sha256, run_dir,
+                       run_dir_relative, clean_cell_key, batch_size, random_draws}
+    sweep             optional {attack, points: [{eps, clean, worst_case}]}
+    figures           optional [{title, path}] (paths relative to the entry file)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from leaderboard.table import _eps_label, _fmt, build_records, rank, wilson_interval
+
+SCHEMA = "robustmatrix-entry-1"
+REQUIRED = ("schema", "entry_id", "defense", "dataset", "threat", "eps", "n", "clean",
+            "attacks", "worst_case", "flags", "cost", "provenance")
+
+
+class EntryError(ValueError):
+    """A malformed or unreadable entry file (one-line message naming the file and the fix)."""
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9]+", "_", str(text)).strip("_").lower()
+    return s or "defense"
+
+
+def eps_slug(threat: str, eps: float) -> str:
+    if threat == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f"{round(eps * 255)}-255"
+    return f"{eps:.4g}".replace(".", "p")
+
+
+def entry_filename(entry: dict[str, Any]) -> str:
+    return (f"{slug(entry['defense']['label'])}__{slug(entry['dataset'])}__{entry['threat']}__"
+            f"{eps_slug(entry['threat'], entry['eps'])}.json")
+
+
+# building entries from a run -----------------------------------------------------------------
+class CellSubset:
+    """A read view of a store restricted to some cell keys, so :func:`build_records` (the one
+    place the worst case is computed) scores exactly one submission's cells."""
+
+    def __init__(self, store: Any, keys: Iterable[str]) -> None:
+        self.store = store
+        self.keys = set(keys)
+
+    def samples_frame(self) -> pd.DataFrame:
+        df = self.store.samples_frame()
+        return df[df["cell_key"].isin(self.keys)]
+
+    def cells(self, status: str | None = "done") -> list:
+        return [c for c in self.store.cells(status) if c.key in self.keys]
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_entries(store: Any, cells: list, *, metadata: dict[str, Any], run_dir: Path,
+                  sample_ids: list[str], extra_flags: list[dict] | None = None,
+                  validation: dict | None = None, cost_extra: dict | None = None,
+                  config: dict | None = None) -> list[dict[str, Any]]:
+    """Entries for the given finished cells of ONE defense (a clean cell plus attack cells).
+
+    ``metadata`` is the ``defense`` block (name, authors, paper, ...). Returns one entry per
+    (dataset, threat, eps) present among the attack cells.
+    """
+    by_key = {c.key: c for c in cells}
+    clean = [c for c in cells if c.attack == "clean"]
+    if not clean:
+        raise EntryError("no finished clean cell among the submission's cells; the run did not "
+                         "complete: run the same command again to resume it")
+    records = build_records(CellSubset(store, by_key))
+    entries = []
+    for rec in records:
+        attack_cells = [c for c in cells if c.attack != "clean" and c.dataset == rec["dataset"]
+                        and c.threat == rec["threat"] and math.isclose(c.eps, rec["eps"],
+                                                                       abs_tol=1e-9)]
+        clean_cell = next(c for c in clean if c.dataset == rec["dataset"])
+        prov = dict(clean_cell.provenance)
+        attacks: dict[str, Any] = {}
+        for label, acc in rec["attacks"].items():
+            cs = [c for c in attack_cells if c.attack == label]
+            c = cs[-1]
+            attacks[label] = {**acc, "attack": c.spec.get("attack"),
+                              "options": c.spec.get("attack_options", {}),
+                              "config": c.spec.get("attack_config"), "cell_key": c.key,
+                              "adv_sha256": c.adv_sha256, "wall_time": c.wall_time,
+                              "forward_passes": c.forward_passes,
+                              "backward_passes": c.backward_passes,
+                              "adaptive": bool(c.spec.get("adaptive") or c.spec.get("adaptive_for")),
+                              "batches": [{"batch": b["batch"], "path": b["adv_path"],
+                                           "sha256": b["adv_sha256"]}
+                                          for b in store.batches(c.key)]}
+        spec = clean_cell.spec
+        entry = {
+            "schema": SCHEMA,
+            "entry_id": f"{metadata['label']}/{rec['dataset']}/{rec['threat']}/{rec['eps']:.6g}",
+            "defense": {**metadata, "structure": prov.get("structure", {})},
+            "dataset": rec["dataset"], "threat": rec["threat"], "eps": rec["eps"], "n": rec["n"],
+            "clean": rec["clean"], "attacks": attacks, "worst_case": rec["worst_case"],
+            "flags": list(extra_flags or []) + rec["flags"],
+            "detector_fpr": rec.get("detector_fpr"),
+            "validation": validation or {},
+            "cost": {"forward_passes": rec["cost"]["forward_passes"],
+                     "backward_passes": rec["cost"]["backward_passes"],
+                     "attack_wall_time": rec["cost"]["wall_time"], **(cost_extra or {})},
+            "provenance": {
+                **{k: prov.get(k) for k in ("code_version", "packages", "python", "platform",
+                                            "device", "date", "config_hash",
+                                            "checkpoint_sha256", "sample_ids_sha256")},
+                "artifact": (prov.get("artifact") or {}).get("artifact"),
+                "artifact_sha256": (prov.get("artifact") or {}).get("artifact_sha256"),
+                "seed": spec.get("seed"), "batch_size": spec.get("batch_size"),
+                "random_draws": spec.get("random_draws"), "fit_preset": spec.get("fit_preset"),
+                "data_fingerprint": spec.get("data"), "dataset_options": spec.get(
+                    "dataset_options", {}), "defense_registry_name": spec.get("defense"),
+                "defense_options": spec.get("defense_options", {}),
+                "clean_cell_key": clean_cell.key, "sample_ids": list(sample_ids),
+                "run_dir": str(run_dir), "config": config or {},
+            },
+        }
+        entry["provenance"]["entry_sha256"] = entry_digest(entry)
+        entries.append(entry)
+    return entries
+
+
+def entry_digest(entry: dict[str, Any]) -> str:
+    """sha256 over the scored content (numbers, flags, tensors), not over later additions such
+    as a sweep or figures; ``verify`` recomputes it to detect a hand-edited file."""
+    core = {k: entry.get(k) for k in ("entry_id", "dataset", "threat", "eps", "n", "clean",
+                                      "attacks", "worst_case")}
+    core["checkpoint"] = entry.get("provenance", {}).get("checkpoint_sha256")
+    return _sha256_json(core)
+
+
+# reading and writing -------------------------------------------------------------------------
+def write_entry(entry: dict[str, Any], folder: Path) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    entry = {k: v for k, v in entry.items() if not k.startswith("_")}
+    prov = entry.setdefault("provenance", {})
+    if prov.get("run_dir"):
+        prov["run_dir_relative"] = os.path.relpath(Path(prov["run_dir"]).resolve(), folder.resolve())
+    path = folder / entry_filename(entry)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(entry, indent=2, default=str, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def read_entry(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise EntryError(f"no entry file {path}; give the path of a JSON file written by "
+                         "`robustmatrix submit` (in <run-dir>/entries/)")
+    try:
+        entry = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise EntryError(f"{path} is not valid JSON ({exc}); restore it from the run "
+                         "(`robustmatrix submit` writes it again without recomputing)") from None
+    check_entry(entry, path)
+    return entry
+
+
+def check_entry(entry: Any, where: Any = "entry") -> None:
+    if not isinstance(entry, dict) or entry.get("schema") != SCHEMA:
+        raise EntryError(f"{where} is not a robustmatrix entry (schema {SCHEMA!r} expected)")
+    missing = [k for k in REQUIRED if k not in entry]
+    if missing:
+        raise EntryError(f"{where} lacks the field(s) {', '.join(missing)}; write entries with "
+                         "`robustmatrix submit`")
+    for key in ("clean", "worst_case"):
+        acc = entry[key]
+        if not isinstance(acc, dict) or not {"accuracy", "k", "n"} <= set(acc):
+            raise EntryError(f"{where}: '{key}' must hold accuracy, k and n")
+
+
+def load_entries(*locations: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every entry under the given files or folders (searched recursively; JSON files that are
+    not entries, e.g. a run's config.json, are skipped). Sorted by entry id; each carries its
+    file path under ``_path``."""
+    files: list[Path] = []
+    for loc in locations:
+        p = Path(loc)
+        if p.is_file():
+            files.append(p)
+        elif p.is_dir():
+            files.extend(sorted(p.rglob("*.json")))
+        else:
+            raise EntryError(f"no entries folder or file {p}; pass the folder that "
+                             "`robustmatrix submit` wrote (<run-dir>/entries)")
+    entries = []
+    for f in files:
+        try:
+            raw = json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            raise EntryError(f"{f} is not valid JSON ({exc}); fix or remove it") from None
+        if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:
+            continue
+        check_entry(raw, f)
+        raw["_path"] = str(f)
+        entries.append(raw)
+    seen: dict[str, str] = {}
+    for e in entries:
+        if e["entry_id"] in seen:
+            raise EntryError(f"two entries have the id {e['entry_id']!r} ({seen[e['entry_id']]} "
+                             f"and {e['_path']}); keep one or give one a different --name")
+        seen[e["entry_id"]] = e["_path"]
+    return sorted(entries, key=lambda e: e["entry_id"])
+
+
+# tables --------------------------------------------------------------------------------------
+def board_key(entry: dict[str, Any]) -> tuple[str, str, float]:
+    return (entry["dataset"], entry["threat"], round(float(entry["eps"]), 8))
+
+
+def board_title(dataset: str, threat: str, eps: float) -> str:
+    return f"{dataset} | {_eps_label(threat, eps)}"
+
+
+def group_boards(entries: list[dict[str, Any]]) -> dict[tuple, list[dict[str, Any]]]:
+    """Entries per (dataset, threat, eps), each list ranked by worst case then clean."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for e in entries:
+        groups.setdefault(board_key(e), []).append(e)
+    return {k: sorted(v, key=lambda e: (-e["worst_case"]["accuracy"], -e["clean"]["accuracy"],
+                                        e["defense"]["label"]))
+            for k, v in sorted(groups.items())}
+
+
+def attack_columns(entries: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(a for e in entries for a in e["attacks"]))
+
+
+def entries_tables(entries: list[dict[str, Any]], *, per_attack: bool = True,
+                   show_cost: bool = False, metadata: bool = True) -> dict[str, pd.DataFrame]:
+    """Display tables (strings made here only), keyed by board title, same layout as
+    :func:`leaderboard.table.build_tables` plus the submission's metadata columns."""
+    tables = {}
+    for (dataset, threat, eps), rs in group_boards(entries).items():
+        attacks = attack_columns(rs)
+        rows = []
+        for rk, e in zip(rank(rs), rs):
+            d = e["defense"]
+            row: dict[str, Any] = {"Rank": rk, "Defense": d["label"]}
+            if metadata:
+                row["Architecture"] = d.get("architecture") or ""
+                row["Extra data"] = "yes" if d.get("extra_data") else "no"
+            row["Clean %"] = _fmt(e["clean"])
+            if per_attack:
+                for a in attacks:
+                    acc = e["attacks"].get(a)
+                    row[f"{a} %"] = ("" if acc is None else _fmt(acc) if acc.get("complete", True)
+                                     else f"({acc['n_attacked']} attacked)")
+            row["Worst case %"] = _fmt(e["worst_case"])
+            if show_cost:
+                row["Fwd passes"] = e["cost"].get("forward_passes", 0)
+                row["Bwd passes"] = e["cost"].get("backward_passes", 0)
+                row["Wall s"] = round(e["cost"].get("total_wall_time",
+                                                    e["cost"].get("attack_wall_time", 0.0)), 1)
+            row["Flags"] = ", ".join(dict.fromkeys(f["code"] for f in e["flags"])) or "-"
+            rows.append(row)
+        tables[board_title(dataset, threat, eps)] = pd.DataFrame(rows)
+    return tables
+
+
+def consistent_accuracy(acc: dict[str, Any], tol: float = 1e-9) -> bool:
+    """True when an accuracy dict agrees with its own counts (value and Wilson interval)."""
+    n, k = acc.get("n", 0), acc.get("k", 0)
+    if not n:
+        return True
+    lo, hi = wilson_interval(k, n)
+    return (abs(acc["accuracy"] - k / n) <= tol and abs(acc.get("ci_low", lo) - lo) <= tol
+            and abs(acc.get("ci_high", hi) - hi) <= tol)
