@@ -577,16 +577,6 @@ def balanced_indices(labels: Tensor, n: int, num_classes: int, seed: int) -> Ten
     return torch.from_numpy(idx.astype(np.int64))
 
 
-def _max_balanced(labels: np.ndarray, num_classes: int) -> int:
-    """The largest n that :func:`balanced_indices` can serve."""
-    per = np.bincount(labels, minlength=num_classes)
-    low = int(per.min())
-    extra = 0
-    while extra < num_classes and per[extra] > low:
-        extra += 1
-    return low * num_classes + extra
-
-
 def load_eval(dataset: str | ImageDataset, n: int, *, seed: int = 0, split: str = "test",
               **kw: Any) -> LabeledImages:
     """``n`` evaluation examples, balanced per class (``n // classes`` each, the remainder to
