@@ -195,6 +195,17 @@ class ResultStore:
                       "WHERE key=?", (_dumps(flags), _dumps(metrics), _dumps(provenance), agg,
                                       tot or 0.0, fb[0] or 0, fb[1] or 0, time.time(), key))
 
+    def set_flags(self, key: str, flags: list, *, scope: str) -> None:
+        """Replace the flags of ``scope`` (e.g. "matrix": checks across cells, recomputed at the
+        end of every run) on a cell, keeping its other flags."""
+        with self.transaction() as c:
+            row = c.execute("SELECT flags FROM cells WHERE key=?", (key,)).fetchone()
+            if row is None:
+                return
+            kept = [f for f in json.loads(row[0] or "[]") if f.get("scope") != scope]
+            new = [{**f, "scope": scope} for f in flags]
+            c.execute("UPDATE cells SET flags=? WHERE key=?", (_dumps(kept + new), key))
+
     def samples(self, key: str) -> list[dict]:
         return [dict(r) for r in self.conn.execute(
             "SELECT * FROM samples WHERE cell_key=? ORDER BY idx", (key,))]
