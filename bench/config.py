@@ -57,7 +57,17 @@ class BenchmarkConfig:
     threat_models: dict[str, list[float]] = field(default_factory=lambda: {"linf": []})
     seed: int = 0
     device: str = "auto"
-    batch_size: int = 100
+    #: examples per batch, or "auto" (fills the device, see bench/executors.py)
+    batch_size: int | str = 100
+    #: "local" (in-process) or "ray" (a task per batch; executor_options: EXECUTOR_OPTIONS);
+    #: neither changes results, so neither is in the config hash
+    executor: str = "local"
+    executor_options: dict[str, Any] = field(default_factory=dict)
+    #: GPU path: autocast for the attack's passes (false, true = bf16, fp16), torch.compile of
+    #: the attacked model, channels-last ("auto" = on CUDA); re-scoring always runs in fp32
+    amp: Any = False
+    compile: bool = False
+    channels_last: Any = "auto"
     schedule: str = "full"
     random_draws: int = 5
     fit_preset: str = "quick"
@@ -68,11 +78,16 @@ class BenchmarkConfig:
 
     def config_hash(self) -> str:
         d = self.to_dict()
-        d.pop("run_dir", None)
+        for k in ("run_dir", "executor", "executor_options"):
+            d.pop(k, None)
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
 _TOP_KEYS = {f for f in BenchmarkConfig.__dataclass_fields__}
+EXECUTORS = ("local", "ray")
+EXECUTOR_OPTIONS = ("address", "num_cpus", "num_gpus", "threads", "defense_transfer",
+                    "max_in_flight")
+AMP_VALUES = (False, True, "bf16", "fp16")
 
 
 def parse_eps(value: Any, where: str = "epsilon") -> float:
@@ -220,8 +235,10 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
         cfg.threat_models[t] = parsed
 
     cfg.seed = _int(raw.get("seed", 0), "seed", 0, 2**32 - 1)
-    cfg.batch_size = _int(raw.get("batch_size", 100), "batch_size", 1, MAX_BATCH)
+    bs = raw.get("batch_size", 100)
+    cfg.batch_size = "auto" if bs == "auto" else _int(bs, "batch_size", 1, MAX_BATCH)
     cfg.random_draws = _int(raw.get("random_draws", 5), "random_draws", 1, 1000)
+    _executor(raw, cfg)
     device = raw.get("device", "auto")
     if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", device):
         raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
@@ -241,6 +258,40 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
     else:
         cfg.run_dir = f"runs/{cfg.name}"
     return cfg
+
+
+def _executor(raw: dict, cfg: BenchmarkConfig) -> None:
+    """``executor: ray`` or ``executor: {name: ray, num_gpus: 0.25}``; ``executor_options``; the
+    GPU path keys ``amp``, ``compile``, ``channels_last``."""
+    ex = raw.get("executor", "local")
+    opts = raw.get("executor_options") or {}
+    if not isinstance(opts, dict):
+        raise ConfigError(f"executor_options: expected a mapping, got {opts!r}")
+    opts = dict(opts)
+    if isinstance(ex, dict):
+        ex = dict(ex)
+        name = ex.pop("name", "ray")
+        opts.update(ex)
+        ex = name
+    if ex not in EXECUTORS:
+        raise ConfigError(f"executor: expected one of {list(EXECUTORS)}, got {ex!r}")
+    bad = sorted(set(map(str, opts)) - set(EXECUTOR_OPTIONS))
+    if bad:
+        raise ConfigError(f"executor options: unknown option {bad[0]!r}; known: "
+                          f"{list(EXECUTOR_OPTIONS)}")
+    if opts and ex != "ray":
+        raise ConfigError(f"executor options {sorted(opts)} apply to the ray executor; set "
+                          "executor: ray or drop them")
+    cfg.executor, cfg.executor_options = ex, opts
+    amp = raw.get("amp", False)
+    if amp not in AMP_VALUES or isinstance(amp, (int, float)) and not isinstance(amp, bool):
+        raise ConfigError(f"amp: expected false, true (bfloat16) or fp16, got {amp!r}")
+    cfg.amp = amp
+    for key, allowed in (("compile", (False, True)), ("channels_last", ("auto", False, True))):
+        v = raw.get(key, allowed[0])
+        if not any(v is a or (isinstance(a, str) and v == a) for a in allowed):
+            raise ConfigError(f"{key}: expected one of {list(allowed)}, got {v!r}")
+        setattr(cfg, key, v)
 
 
 def load_config(path_or_preset: str) -> BenchmarkConfig:
