@@ -156,15 +156,18 @@ def check_adversarials(adv: torch.Tensor, x: torch.Tensor, eps: float, threat: s
 
 
 def attack_batch(defense, attack: Attack, x, y, eps, *, clean: Scored, seed: int,
-                 draws: int, best_iterate: bool = True) -> tuple[list[dict], torch.Tensor, dict]:
+                 draws: int, best_iterate: bool = True, attack_model=None
+                 ) -> tuple[list[dict], torch.Tensor, dict]:
     """Run one attack on one batch and return per-sample rows, adversarials and records.
 
     With ``best_iterate`` (default), a sample whose returned point is not adversarial but
     for which the tracer saw a valid adversarial iterate gets that iterate instead (many library
     attacks return their LAST iterate); the count is recorded. Silent success is then what
     remains: an iterate the attack saw as adversarial that re-scoring does not confirm.
+    ``attack_model`` (default: the defense) is what the attack runs on, e.g. an autocast view
+    (bench.executors.AttackView); re-scoring always uses ``defense`` itself.
     """
-    result = attack(defense, x, y, eps, seed=seed)
+    result = attack(defense if attack_model is None else attack_model, x, y, eps, seed=seed)
     adv, norm = check_adversarials(result.adv, x, eps, attack.threat, attack.minimal_norm,
                                    repr(attack))
     s = score(defense, adv, y, draws=draws, seed=seed)
@@ -190,11 +193,12 @@ def attack_batch(defense, attack: Attack, x, y, eps, *, clean: Scored, seed: int
     it = result.iterations
     iters = it.tolist() if isinstance(it, torch.Tensor) else [it] * n
     silent = int((anyadv & s.correct & ~s.flagged & clean_ok).sum())
+    fwd, bwd = divmod(result.forward_passes, max(n, 1)), divmod(result.backward_passes, max(n, 1))
     rows = [{"label": int(y[i]), "attacked": 1, "clean_correct": int(clean.correct[i]),
              "clean_flagged": int(clean.flagged[i]), "adv_correct": int(s.correct[i]),
              "adv_flagged": int(s.flagged[i]), "robust": int(robust[i]), "norm": float(norm[i]),
-             "iterations": iters[i], "forward_passes": result.forward_passes // max(n, 1),
-             "backward_passes": result.backward_passes // max(n, 1),
+             "iterations": iters[i], "forward_passes": fwd[0] + (i < fwd[1]),
+             "backward_passes": bwd[0] + (i < bwd[1]),  # shares summing to the exact totals
              "any_iterate_adversarial": int(anyadv[i]), "adv_pred": int(s.pred[i])}
             for i in range(n)]
     trace = result.loss_trace
@@ -242,6 +246,10 @@ class MatrixRunner:
         self.run_dir = Path(run_dir or cfg.run_dir).expanduser().resolve()
         self.device = resolve_device(cfg.device)
         self.store = ResultStore(self.run_dir / "results.sqlite")
+        from bench.executors import make_executor
+
+        self.executor = make_executor(cfg, device=self.device, log=log, progress=progress)
+        self.batch_size: int | None = None  # resolved per defense (batch_size: auto)
 
     def run(self) -> RunSummary:
         from bench.data import load_eval
@@ -265,6 +273,8 @@ class MatrixRunner:
                 data_cache[di] = load_eval(ds.name, ds.n, seed=cfg.seed, **load_kw)
             data = data_cache[di]
             self._run_group(group, data, summary)
+            self.executor.drain()  # every cell of this defense stored (Ray: as tasks finish)
+        self.executor.close()
         summary.wall_time = time.perf_counter() - t0
         return summary
 
@@ -280,12 +290,15 @@ class MatrixRunner:
         fingerprint = defense.fingerprint() if hasattr(defense, "fingerprint") else ""
         base = {"schema": SCHEMA_VERSION, "data": data.fingerprint, "dataset": ds.name,
                 "dataset_options": ds.options, "defense": de.name, "defense_options": de.options,
-                "defense_sha256": fingerprint, "seed": cfg.seed, "batch_size": cfg.batch_size,
-                "random_draws": cfg.random_draws, "fit_preset": cfg.fit_preset}
+                "defense_sha256": fingerprint, "seed": cfg.seed,
+                "batch_size": self._resolve_batch_size(defense, x_all),
+                "random_draws": cfg.random_draws, "fit_preset": cfg.fit_preset,
+                **self.executor.accel.key()}
         prov_base = {**base_provenance(self.device), "config_hash": cfg.config_hash(),
                      "checkpoint_sha256": fingerprint, "artifact": info,
                      "structure": defense.structure.as_dict() if hasattr(defense, "structure") else {},
-                     "sample_ids_sha256": _hash(data.sample_ids)}
+                     "sample_ids_sha256": _hash(data.sample_ids),
+                     "executor": self.executor.describe()}
         defense_flags: list[dict] | None = None
         clean_scored: Scored | None = None
         prior_keys: dict[tuple[str, float], list[str]] = {}
@@ -326,7 +339,15 @@ class MatrixRunner:
         return Scored(torch.tensor([r["adv_pred"] for r in rows], device=self.device),
                       t("clean_correct"), t("clean_flagged"))
 
+    def _resolve_batch_size(self, defense, x_all: torch.Tensor) -> int:
+        from bench.executors import resolve_batch_size
+
+        self.batch_size = resolve_batch_size(self.cfg.batch_size, defense, x_all,
+                                             device=self.device)
+        return self.batch_size
+
     def _still_robust(self, dep_keys: list[str], clean: Scored | None, n: int) -> torch.Tensor:
+        self.executor.drain()  # the cells it depends on may still be computing (Ray)
         robust = torch.ones(n, dtype=torch.bool)
         if clean is not None:
             robust &= (clean.correct & ~clean.flagged).cpu()
@@ -338,10 +359,13 @@ class MatrixRunner:
 
     def _run_cell(self, plan, key, spec, prov_base, defense, attack, x_all, y_all, data, subset,
                   clean: Scored, defense_flags, summary) -> None:
-        from tqdm.auto import tqdm
+        """Hand the cell's missing batches to the executor; each result is stored (one
+        transaction) as it arrives, then :meth:`_finish_cell` runs (at once for the local
+        executor, when the last batch arrives for Ray)."""
+        from bench.executors import CellJob
 
         cfg = self.cfg
-        bs = cfg.batch_size
+        bs = self.batch_size or int(cfg.batch_size)
         batches = [subset[i:i + bs] for i in range(0, len(subset), bs)]
         self.store.begin_cell(key, dataset=plan.dataset.name, defense=plan.defense.label,
                               attack=plan.attack_label, threat=plan.threat, eps=plan.eps,
@@ -349,34 +373,35 @@ class MatrixRunner:
         done = self.store.done_batches(key)
         desc = f"{plan.dataset.name} | {plan.defense.label} | {plan.attack_label}" + (
             f" {plan.threat} {plan.eps:.4g}" if plan.attack else "")
-        for b, idx in enumerate(tqdm(batches, desc=desc, disable=not self.progress, leave=False)):
-            if b in done:
-                continue
-            t0 = time.perf_counter()
-            x, y = x_all[idx.to(x_all.device)], y_all[idx.to(y_all.device)]
-            cl = Scored(clean.pred[idx], clean.correct[idx], clean.flagged[idx])
-            if attack is None:
-                rows = [{"label": int(y[i]), "attacked": 0, "clean_correct": int(cl.correct[i]),
-                         "clean_flagged": int(cl.flagged[i]), "adv_correct": int(cl.correct[i]),
-                         "adv_flagged": int(cl.flagged[i]),
-                         "robust": int(cl.correct[i] and not cl.flagged[i]), "norm": 0.0,
-                         "iterations": 0, "forward_passes": 1, "backward_passes": 0,
-                         "adv_pred": int(cl.pred[i])} for i in range(len(y))]
-                adv_path = sha = None
-                records: dict = {}
-            else:
-                rows, adv, records = attack_batch(defense, attack, x, y, plan.eps, clean=cl,
-                                                  seed=cfg.seed + b, draws=cfg.random_draws)
-                adv_path, sha = _save_adv(self.run_dir, key, b, adv)
-            for r, i in zip(rows, idx.tolist()):
+
+        def store_batch(out) -> None:
+            adv_path = sha = None
+            if out.adv is not None:
+                adv_path, sha = _save_adv(self.run_dir, key, out.batch, out.adv)
+            for r, i in zip(out.rows, out.idx.tolist()):
                 r["idx"] = i
                 r["sample_id"] = data.sample_ids[i]
-            self.store.add_batch(key, b, rows, adv_path=adv_path, adv_sha256=sha,
-                                 wall_time=time.perf_counter() - t0, extras=records)
+            self.store.add_batch(key, out.batch, out.rows, adv_path=adv_path, adv_sha256=sha,
+                                 wall_time=out.wall_time, extras=out.records)
             summary.batches_computed += 1
             _fault_injection(summary.batches_computed)
-        if hasattr(defense, "fingerprint") and spec.get("defense_sha256") and \
-                defense.fingerprint() != spec["defense_sha256"]:
+
+        recipe = {"name": plan.defense.name, "options": plan.defense.options,
+                  "dataset": plan.dataset.name, "dataset_options": plan.dataset.options,
+                  "preset": cfg.fit_preset}
+        job = CellJob(key, desc, defense, attack, plan.eps, cfg.seed, cfg.random_draws,
+                      spec.get("defense_sha256") or "", recipe, on_batch=store_batch,
+                      on_done=lambda mutated: self._finish_cell(
+                          plan, key, prov_base, defense, attack, x_all, y_all, subset,
+                          defense_flags, mutated))
+        self.executor.submit(job, [(b, idx) for b, idx in enumerate(batches) if b not in done],
+                             x_all, y_all, clean)
+
+    def _finish_cell(self, plan, key, prov_base, defense, attack, x_all, y_all, subset,
+                     defense_flags, mutated: bool) -> None:
+        """Every batch is stored: aggregate records, flags and metrics; mark the cell done."""
+        cfg = self.cfg
+        if mutated:
             raise AttackContractError(
                 f"the defense's weights or buffers changed during {plan.attack_label} (e.g. "
                 "BatchNorm statistics updated in training mode); the cell is not stored as done. "
