@@ -19,6 +19,10 @@ import yaml
 PRESETS_DIR = Path(__file__).parent / "presets"
 THREATS = ("linf", "l2", "none")
 SCHEDULES = ("full", "worst-case")
+ADAPTIVE_KEYS = ("enabled", "eot_draws", "transfer", "reject_class", "rand_autoattack", "square",
+                 "square_queries", "wrong_label_latent", "pgd_steps", "detector_weight",
+                 "detector_margin")
+CHECK_KEYS = ("convergence_subset", "convergence_tol", "large_eps_subset")
 MAX_N = 1_000_000
 MAX_BATCH = 65_536
 
@@ -72,6 +76,12 @@ class BenchmarkConfig:
     random_draws: int = 5
     fit_preset: str = "quick"
     run_dir: str = "runs/default"
+    #: adaptive attacks chosen from each defense's structure: true/false or a mapping of
+    #: options (ADAPTIVE_KEYS; defaults in attacks/adaptive.py)
+    adaptive: Any = True
+    #: optional reliability checks (CHECK_KEYS; see bench/flags.py), e.g.
+    #: {convergence_subset: 16, large_eps_subset: 16}
+    checks: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -251,6 +261,28 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
     if fp not in ("quick", "full", "tiny"):
         raise ConfigError(f"fit_preset: expected quick, full or tiny, got {fp!r}")
     cfg.fit_preset = fp
+    adaptive = raw.get("adaptive", True)
+    if isinstance(adaptive, dict):
+        bad = sorted(set(map(str, adaptive)) - set(ADAPTIVE_KEYS))
+        if bad:
+            raise ConfigError(f"adaptive: unknown option {bad[0]!r}; known: {list(ADAPTIVE_KEYS)}")
+    elif not isinstance(adaptive, bool):
+        raise ConfigError(f"adaptive: expected true, false or a mapping of options, got {adaptive!r}")
+    cfg.adaptive = adaptive
+    checks = raw.get("checks") or {}
+    if not isinstance(checks, dict):
+        raise ConfigError(f"checks: expected a mapping, e.g. {{convergence_subset: 16}}, got {checks!r}")
+    bad = sorted(set(map(str, checks)) - set(CHECK_KEYS))
+    if bad:
+        raise ConfigError(f"checks: unknown option {bad[0]!r}; known: {list(CHECK_KEYS)}")
+    for k in ("convergence_subset", "large_eps_subset"):
+        if k in checks:
+            checks[k] = _int(checks[k], f"checks.{k}", 0, MAX_N)
+    if "convergence_tol" in checks:
+        tol = checks["convergence_tol"]
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
+            raise ConfigError(f"checks.convergence_tol: expected a number in [0, 1], got {tol!r}")
+    cfg.checks = dict(checks)
     if "run_dir" in raw:
         if not isinstance(raw["run_dir"], str) or not raw["run_dir"]:
             raise ConfigError(f"run_dir: expected a path, got {raw['run_dir']!r}")

@@ -208,7 +208,7 @@ def attack_batch(defense, attack: Attack, x, y, eps, *, clean: Scored, seed: int
                "loss_trace": (trace.float().reshape(len(trace), -1).mean(1).tolist()
                               if trace is not None else None),
                "forward_passes": result.forward_passes, "backward_passes": result.backward_passes,
-               "log": result.extras.get("log", [])[-50:]}
+               "log": result.extras.get("log", [])[-50:], **flagmod.result_records(result)}
     return rows, adv, records
 
 
@@ -274,6 +274,7 @@ class MatrixRunner:
             data = data_cache[di]
             self._run_group(group, data, summary)
             self.executor.drain()  # every cell of this defense stored (Ray: as tasks finish)
+        flagmod.store_matrix_flags(self.store)  # checks across cells (EVALUATION.md 4, 7, 8)
         self.executor.close()
         summary.wall_time = time.perf_counter() - t0
         return summary
@@ -302,6 +303,14 @@ class MatrixRunner:
         defense_flags: list[dict] | None = None
         clean_scored: Scored | None = None
         prior_keys: dict[tuple[str, float], list[str]] = {}
+        from attacks.adaptive import adaptive_options, adaptive_plans
+
+        if adaptive_options(cfg.adaptive)["enabled"]:  # adaptive cells from the structure
+            defense_flags = flagmod.defense_checks(defense, x_all, y_all, seed=cfg.seed,
+                                                   checks=cfg.checks, draws=cfg.random_draws)
+            extra = adaptive_plans(defense, group, cfg.adaptive, [f["code"] for f in defense_flags])
+            group = group + extra
+            summary.cells_total += len(extra)
         for plan in group:
             spec = {**base, "attack": plan.attack.name if plan.attack else CLEAN,
                     "attack_options": plan.attack.options if plan.attack else {},
@@ -309,6 +318,9 @@ class MatrixRunner:
             attack = None
             if plan.attack is not None:
                 attack = create_attack(plan.attack, plan.threat, seed=cfg.seed)
+                attack.context = {"dataset": ds.name, "dataset_options": ds.options,
+                                  "device": self.device, "fit_preset": cfg.fit_preset,
+                                  "run_dir": str(self.run_dir), "defense": de.label}
                 spec["attack_config"] = attack.config()
             subset = torch.arange(len(y_all))
             if cfg.schedule == "worst-case" and plan.attack is not None:
@@ -328,7 +340,8 @@ class MatrixRunner:
             if clean_scored is None:
                 clean_scored = score(defense, x_all, y_all, draws=cfg.random_draws, seed=cfg.seed)
             if defense_flags is None:
-                defense_flags = flagmod.defense_checks(defense, x_all, y_all, seed=cfg.seed)
+                defense_flags = flagmod.defense_checks(defense, x_all, y_all, seed=cfg.seed,
+                                                       checks=cfg.checks, draws=cfg.random_draws)
             self._run_cell(plan, key, spec, prov_base, defense, attack, x_all, y_all, data,
                            subset, clean_scored, defense_flags, summary)
             summary.cells_computed += 1
@@ -410,9 +423,16 @@ class MatrixRunner:
         agg = {"silent_success": sum(e.get("silent_success", 0) for e in extras),
                "recovered_best_iterates": sum(e.get("recovered_best_iterates", 0) for e in extras),
                "loss_still_moving": max([e.get("loss_still_moving", 0) or 0 for e in extras] or [0])}
+        agg.update(flagmod.aggregate_extras(extras))
         flags = list(defense_flags) + flagmod.attack_checks(agg) if attack is not None else list(
             defense_flags)
         metrics = {"n_attacked": int(len(subset)), "records": agg}
+        if attack is not None:
+            flags += flagmod.convergence_check(defense, plan.attack, plan.threat, plan.eps, x_all,
+                                               y_all, self.store.samples(key), seed=cfg.seed,
+                                               draws=cfg.random_draws, checks=cfg.checks)
+            if hasattr(attack, "cell_report"):  # e.g. the wrong-label latent attack's report
+                metrics["report"] = attack.cell_report(extras, self.run_dir, key)
         self.store.finish_cell(key, flags=flags, metrics=metrics,
                                provenance={**prov_base, "attack": repr(attack) if attack else CLEAN})
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.flags import format_flags
 from bench.store import ResultStore
 
 Z95 = 1.959963984540054
@@ -151,7 +152,7 @@ def build_tables(store: ResultStore, *, per_attack: bool = True, show_cost: bool
                 row["Fwd passes"] = r["cost"]["forward_passes"]
                 row["Bwd passes"] = r["cost"]["backward_passes"]
                 row["Wall s"] = round(r["cost"]["wall_time"], 1)
-            row["Flags"] = ", ".join(f["code"] for f in r["flags"]) or "-"
+            row["Flags"] = format_flags(r["flags"])  # code [attacks]: seen (try: ...)
             rows.append(row)
         tables[f"{dataset} | {_eps_label(threat, eps)}"] = pd.DataFrame(rows)
     return tables
