@@ -18,6 +18,7 @@ examples:
   robustmatrix run smoke                # seconds, synthetic data (what the tests use)
   robustmatrix run my_matrix.yaml       # your own config (see bench/presets/*.yaml)
   robustmatrix run quick --defense undefended --attack pgd --n 50 --threat linf=4/255
+  robustmatrix run quick --executor ray   # one Ray task per batch (pip install -e '.[ray]')
   robustmatrix list defenses            # what can be benchmarked
   robustmatrix leaderboard --run-dir runs/quick
   robustmatrix fit srd --dataset cifar10 --preset quick
@@ -71,7 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n", type=str, help="examples per dataset")
     r.add_argument("--seed", type=str, help="seed for data subset and attacks")
     r.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    r.add_argument("--batch-size", type=str, help="examples per attack batch")
+    r.add_argument("--batch-size", type=str,
+                   help="examples per attack batch, or auto (fills the GPU)")
+    r.add_argument("--executor", choices=["local", "ray"],
+                   help="local (in-process, default) or ray (one task per batch; pip install -e "
+                        "'.[ray]')")
+    r.add_argument("--address", help="Ray cluster to join (implies --executor ray) [a local one]")
     r.add_argument("--schedule", choices=["full", "worst-case"],
                    help="full: every attack on every sample; worst-case: later attacks only on "
                         "samples still unbroken (AutoAttack-style)")
@@ -130,6 +136,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
                 raise ConfigError(f"--threat {t!r}: write THREAT or THREAT=EPS, e.g. linf=8/255")
             tm[name] = [e for e in eps.split(",") if e] if eps else []
         o["threat_models"] = tm
+    if args.executor or args.address:
+        if args.address and args.executor == "local":
+            raise ConfigError("--address is for the ray executor; drop it or use --executor ray")
+        o["executor"] = ({"name": "ray", "address": args.address} if args.address
+                         else args.executor)
     for key in ("n", "seed", "device", "batch_size", "schedule", "run_dir"):
         v = getattr(args, key, None)
         if v is not None:
