@@ -121,6 +121,11 @@ def conv_bpdn(D: torch.Tensor, S: torch.Tensor, lmbda: float, *, max_iter: int =
     if D.dim() != 4 or S.dim() != 4 or D.shape[1] != S.shape[1]:
         raise ValueError(f"expected D (M, C, k, k) and S (N, C, H, W) with the same C, got "
                          f"{tuple(D.shape)} and {tuple(S.shape)}")
+    X, info = _fista(D, S, lmbda, max_iter, tol, X0, L, restart, track_objective)
+    return (X, info) if return_info else X
+
+
+def _fista(D, S, lmbda, max_iter, tol, X0, L, restart, track_objective):
     N, C, H, W = S.shape
     M = D.shape[0]
     D = D.to(S.dtype)
@@ -129,8 +134,8 @@ def conv_bpdn(D: torch.Tensor, S: torch.Tensor, lmbda: float, *, max_iter: int =
     if L is None:
         L = lipschitz_constant(Df.detach())
     L = max(float(L), 1e-12)
-    Dfm = _freq_major(Df.permute(1, 0, 2, 3)).transpose(1, 2)  # (F, M, C)
-    DfmH = Dfm.conj().transpose(1, 2)                               # (F, C, M)
+    Dfm = _freq_major(Df.permute(1, 0, 2, 3)).transpose(1, 2).contiguous()  # (F, M, C)
+    DfmH = Dfm.conj().transpose(1, 2).resolve_conj().contiguous()            # (F, C, M)
     Sf = _freq_major(torch.fft.rfft2(S))                            # (F, N, C)
     DtS = _from_freq_major(Sf @ DfmH, H, Wr)                        # D^H s, (N, M, H, Wr)
 
@@ -166,9 +171,7 @@ def conv_bpdn(D: torch.Tensor, S: torch.Tensor, lmbda: float, *, max_iter: int =
                 X, converged = Xn, True
                 break
         X, t = Xn, tn
-    if return_info:
-        return X, CBPDNInfo(iterations=it, lipschitz=L, converged=converged, history=history)
-    return X
+    return X, CBPDNInfo(iterations=it, lipschitz=L, converged=converged, history=history)
 
 
 # ------------------------------------------------------------------------------------ SPORCO
@@ -275,6 +278,12 @@ def learn_conv_dictionary(S: torch.Tensor, *, num_filters: int = 64, filter_size
         D = normalise_filters(D.to(S.device), ball=False)
     else:
         D = normalise_filters(D0.to(S.device, S.dtype))
+    return _learn(S, D, g, lmbda, iterations, batch_size, coding_iterations, dictionary_steps,
+                  history)
+
+
+def _learn(S, D, g, lmbda, iterations, batch_size, coding_iterations, dictionary_steps, history):
+    N = S.shape[0]
     codes: dict[int, torch.Tensor] = {}
     bs = min(batch_size, N)
     order = torch.randperm(N, generator=g)
@@ -301,8 +310,8 @@ def _dictionary_update(D: torch.Tensor, X: torch.Tensor, S: torch.Tensor, steps:
     C, k = D.shape[1], D.shape[-1]
     Xf = torch.fft.rfft2(X)
     Wr = Xf.shape[-1]
-    Xm = _freq_major(Xf)                                    # (F, N, M)
-    XmH = Xm.conj().transpose(1, 2)                         # (F, M, N)
+    Xm = _freq_major(Xf).contiguous()                       # (F, N, M)
+    XmH = Xm.conj().transpose(1, 2).resolve_conj().contiguous()  # (F, M, N)
     Gram = XmH @ Xm                                         # (F, M, M)
     ev = torch.linalg.eigvalsh(Gram.cpu().to(torch.complex128))
     L = max(float(ev[..., -1].max().real), 1e-12)

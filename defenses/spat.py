@@ -1,0 +1,464 @@
+"""SPAT (semantics-preserving adversarial training) and PGD adversarial training, one code path.
+
+Source: "Semantics-Preserving Adversarial Training", Lee, Lee, Lee (arXiv 2009.10978); the
+baseline is Madry et al.'s PGD adversarial training. See ``../shared/METHODS.md`` section 3.
+
+* [known] SPAT puts the training-time perturbation on pixels SHARED AMONG ALL CLASSES, so that
+  adversarial examples used for training do not move toward another class.
+* [reconstruction] Shared-pixel weights (:func:`shared_pixel_weights`): for each input, the
+  input-gradient magnitude of every class logit S_k = |grad_x z_k(x)|, min-max normalised per
+  sample to [0, 1]; W = min over k of S_k, renormalised per sample to [0, 1]. Element-wise (per
+  channel and pixel) by default; ``spat_reduce_channels=True`` takes the max over channels
+  first (one weight per pixel). With many classes a random subset of ``spat_classes`` classes
+  per batch keeps the cost bounded (the min is then over that subset). A constant S_k (no
+  information, e.g. a dead logit) normalises to all ones, so it never restricts W.
+* [reconstruction] Each PGD step is multiplied element-wise by W:
+  delta <- clip_eps(delta + alpha * sign(g) * W), then x + delta is clipped to [0, 1]. The
+  random start is the same as PGD's (uniform in the eps ball, unweighted). Train on the
+  cross-entropy of the model on x + delta.
+
+:func:`adversarial_train` is the ONE training routine: ``method="pgd"`` and ``method="spat"``
+differ only in the weight W passed to :func:`pgd_perturb` (None, i.e. all ones, for PGD), so
+the two compare fairly with the same architecture, attack budget, data and schedule. It also
+takes an ``extra_loss`` hook (on the penultimate features of the adversarial batch), which the
+SRD purifier uses for its latent-distribution loss instead of a second training loop.
+
+Presets (:data:`AT_PRESETS`; explicit knobs win):
+
+* ``tiny``: seconds on a CPU (test-suite, ``smoke`` runs).
+* ``quick``: "fast" adversarial training (Wong et al. 2020): ONE step of size 1.25 eps from a
+  random start, a 5,000-image balanced subset of the train split, one-cycle learning rate, 3
+  epochs, ResNet-20 (CIFAR-10). A few minutes on 2 CPU cores (SPAT is slower: its weights cost
+  one backward pass per class; see ``spat_classes``).
+* ``full``: PGD-10 (step eps/4, random start), the whole train split, 40 epochs with a one-cycle
+  learning rate, PreAct ResNet-18 on CIFAR-10 (ResNet-18 on ImageNet-10): GPU scale.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from bench.registry import DEFENSES
+from defenses.base import Defense
+
+#: training presets; ``step_size_factor`` is the PGD step as a fraction of eps
+AT_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"steps": 1, "step_size_factor": 1.25, "random_start": True, "epochs": 3,
+             "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "schedule": "onecycle",
+             "train_limit": None, "spat_classes": None},
+    "quick": {"steps": 1, "step_size_factor": 1.25, "random_start": True, "epochs": 3,
+              "batch_size": 128, "lr": 0.2, "weight_decay": 5e-4, "schedule": "onecycle",
+              "train_limit": 5000, "spat_classes": None},
+    "full": {"steps": 10, "step_size_factor": 0.25, "random_start": True, "epochs": 40,
+             "batch_size": 128, "lr": 0.2, "weight_decay": 5e-4, "schedule": "onecycle",
+             "train_limit": None, "spat_classes": None},
+}
+
+#: architecture per (dataset, preset); a dataset's ``None`` entry is its default
+DEFAULT_ARCH: dict[str, dict[str | None, str]] = {
+    "cifar10": {None: "resnet20", "full": "preact_resnet18"},
+    "imagenet10": {None: "resnet18_imagenet"},
+    "test_tiny": {None: "test_tiny_cnn"},
+}
+
+METHODS = ("pgd", "spat")
+
+
+def default_arch(dataset: str, preset: str | None = None) -> str:
+    table = DEFAULT_ARCH.get(dataset)
+    if table is None:
+        raise ValueError(f"no default architecture for dataset {dataset!r}: pass arch= "
+                         f"(e.g. 'resnet20')")
+    return table.get(preset, table[None])
+
+
+def resolve_preset(preset: str, overrides: dict[str, Any], table: dict[str, dict[str, Any]] = AT_PRESETS
+                   ) -> dict[str, Any]:
+    """The preset's settings with the non-None ``overrides`` applied."""
+    if preset not in table:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(table)}")
+    out = dict(table[preset])
+    out.update({k: v for k, v in overrides.items() if v is not None})
+    return out
+
+
+# ------------------------------------------------------------------------------------ weights
+def _minmax(s: torch.Tensor) -> torch.Tensor:
+    """Per-sample min-max normalisation to [0, 1]; a constant sample becomes all ones."""
+    flat = s.flatten(1)
+    lo = flat.min(1, keepdim=True).values
+    hi = flat.max(1, keepdim=True).values
+    span = hi - lo
+    out = torch.where(span > 1e-12, (flat - lo) / span.clamp_min(1e-12), torch.ones_like(flat))
+    return out.view_as(s)
+
+
+def shared_pixel_weights(model: nn.Module, x: torch.Tensor, *, classes: list[int] | None = None,
+                         reduce_channels: bool = False) -> torch.Tensor:
+    """SPAT's shared-pixel weights W in [0, 1], same shape as ``x`` [reconstruction].
+
+    S_k = |grad_x z_k(x)| per class logit k (in ``classes``, default all), min-max normalised
+    per sample; W = min_k S_k, renormalised per sample to [0, 1]. One forward and one backward
+    pass per class. Call with the model in eval mode (batch-norm statistics in train mode
+    couple the samples of a batch).
+    """
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        logits = model(x)
+        ks = list(range(logits.shape[1])) if classes is None else list(classes)
+        W = None
+        for i, k in enumerate(ks):
+            g = torch.autograd.grad(logits[:, k].sum(), x, retain_graph=i < len(ks) - 1)[0].abs()
+            if reduce_channels:
+                g = g.amax(1, keepdim=True)
+            s = _minmax(g)
+            W = s if W is None else torch.minimum(W, s)
+    W = _minmax(W)
+    return W.expand_as(x).contiguous() if reduce_channels else W
+
+
+# ------------------------------------------------------------------------------------ attack
+def pgd_perturb(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float, steps: int,
+                step_size: float, random_start: bool = True, weight: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Linf PGD on the cross-entropy: returns delta with |delta| <= eps and x + delta in [0, 1].
+
+    ``weight`` (same shape as x, in [0, 1]) multiplies every step element-wise: None is plain
+    PGD (Madry et al.), SPAT's shared-pixel weights make it SPAT's attack. The random start
+    draws from ``generator`` (CPU) so training is reproducible.
+    """
+    if random_start:
+        noise = torch.rand(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        delta = (2.0 * noise - 1.0) * eps
+    else:
+        delta = torch.zeros_like(x)
+    delta = (x + delta).clamp(0.0, 1.0) - x
+    for _ in range(int(steps)):
+        delta.requires_grad_(True)
+        with torch.enable_grad():
+            loss = F.cross_entropy(model(x + delta), y)
+            g = torch.autograd.grad(loss, delta)[0]
+        step = step_size * g.sign()
+        if weight is not None:
+            step = step * weight
+        delta = (delta.detach() + step).clamp(-eps, eps)
+        delta = (x + delta).clamp(0.0, 1.0) - x
+    return delta.detach()
+
+
+# ------------------------------------------------------------------------------------ training
+def _final_linear(model: nn.Module) -> nn.Linear | None:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last
+
+
+def _augment(images: torch.Tensor, padding: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    from bench.models.training import augment
+
+    return augment(images, padding=padding, flip=flip, generator=gen)
+
+
+def _balanced_subset(labels: torch.Tensor, limit: int, seed: int) -> torch.Tensor:
+    from bench.models.training import balanced_subset
+
+    return balanced_subset(labels, limit, seed=seed)
+
+
+def images_and_labels(train: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a :class:`bench.data.LabeledImages` or an ``(images, labels)`` pair."""
+    if isinstance(train, (tuple, list)):
+        images, labels = train
+    else:
+        images, labels = train.images, train.labels
+    return images.float(), labels.long()
+
+
+def adversarial_train(model: nn.Module, train: Any, *, method: str = "pgd", eps: float,
+                      steps: int, step_size: float, random_start: bool = True, epochs: int,
+                      batch_size: int = 128, lr: float = 0.1, momentum: float = 0.9,
+                      weight_decay: float = 5e-4, schedule: str = "onecycle",
+                      crop_padding: int = 4, flip: bool = True, train_limit: int | None = None,
+                      spat_classes: int | None = None, spat_reduce_channels: bool = False,
+                      attack_mode: str = "eval", seed: int = 0,
+                      device: str | torch.device = "cpu", progress: bool = True,
+                      extra_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
+                                           torch.Tensor] | None = None,
+                      aux: torch.Tensor | None = None, desc: str | None = None
+                      ) -> list[dict[str, float]]:
+    """Adversarial training of ``model`` in place: PGD-AT (``method="pgd"``) or SPAT (``"spat"``).
+
+    The two methods run this same loop; the only difference is that SPAT computes
+    :func:`shared_pixel_weights` for each batch and passes them to :func:`pgd_perturb` (PGD
+    passes None). Each batch: random crop + flip (``crop_padding``, ``flip``), the attack
+    (model in eval mode when ``attack_mode="eval"``, the default, so batch-norm statistics
+    neither couple the samples nor drift with adversarial inputs; ``"train"`` attacks in
+    train mode), then one SGD step (momentum, Nesterov, no weight decay on 1-d parameters)
+    on the cross-entropy of x + delta, plus ``extra_loss(features, labels, aux_batch)`` when
+    given: ``features`` are the adversarial batch's penultimate features (captured at the
+    input of the model's last ``nn.Linear``, the zoo's ``features(x)``), ``aux`` is any
+    per-sample tensor (sliced with the batch). Learning-rate schedule per step: ``onecycle``
+    (linear warm-up over the first quarter, then linear decay), ``cosine`` or ``piecewise``
+    (x0.1 at 50% and 75%). ``spat_classes``: compute W over a random subset of that many
+    classes per batch (None: all). Seeded end to end by ``seed`` (shuffle, augmentation,
+    random starts, class subsets). Returns the per-epoch history; the model ends in eval mode.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if schedule not in ("onecycle", "cosine", "piecewise"):
+        raise ValueError(f"schedule must be 'onecycle', 'cosine' or 'piecewise', got {schedule!r}")
+    if attack_mode not in ("eval", "train"):
+        raise ValueError(f"attack_mode must be 'eval' or 'train', got {attack_mode!r}")
+    if eps < 0 or steps < 0 or epochs < 1 or batch_size < 1:
+        raise ValueError("eps and steps must be >= 0, epochs and batch_size >= 1")
+    device = torch.device(device)
+    images, labels = images_and_labels(train)
+    if aux is not None and len(aux) != len(labels):
+        raise ValueError(f"aux has {len(aux)} entries for {len(labels)} training images")
+    if train_limit is not None and len(labels) > train_limit:
+        keep = _balanced_subset(labels, int(train_limit), seed)
+        images, labels = images[keep], labels[keep]
+        aux = aux[keep] if aux is not None else None
+    images, labels = images.to(device), labels.to(device)
+    aux = aux.to(device) if aux is not None else None
+    num_classes = int(getattr(model, "num_classes", 0) or int(labels.max()) + 1)
+    n = len(labels)
+    steps_per_epoch = max(1, math.ceil(n / batch_size))
+    total = epochs * steps_per_epoch
+    gen = torch.Generator().manual_seed(seed)
+    model.to(device)
+
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay},
+                           {"params": no_decay, "weight_decay": 0.0}],
+                          lr=lr, momentum=momentum, nesterov=momentum > 0)
+
+    def lr_at(i: int) -> float:
+        frac = i / max(1, total)
+        if schedule == "onecycle":
+            warm = 0.25
+            return lr * (frac / warm if frac < warm else max(0.0, (1 - frac) / (1 - warm)))
+        if schedule == "cosine":
+            return 0.5 * lr * (1 + math.cos(math.pi * frac))
+        return lr * (0.1 ** ((frac >= 0.5) + (frac >= 0.75)))
+
+    captured: dict[str, torch.Tensor] = {}
+    handle = None
+    if extra_loss is not None:
+        head = _final_linear(model)
+        if head is not None:
+            handle = head.register_forward_pre_hook(
+                lambda _m, inp: captured.__setitem__("features", inp[0]))
+
+    history: list[dict[str, float]] = []
+    label = desc or f"{method}-AT {getattr(model, 'arch', type(model).__name__)}"
+    bar = tqdm(total=total, desc=label, unit="step", disable=not progress, leave=False)
+    it = 0
+    try:
+        for epoch in range(epochs):
+            t0 = time.perf_counter()
+            order = torch.randperm(n, generator=gen).to(device)
+            sums = {"loss": 0.0, "extra": 0.0, "correct": 0, "weight_mean": 0.0}
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                x = _augment(images[idx], crop_padding, flip, gen)
+                y = labels[idx]
+                if attack_mode == "eval":
+                    model.eval()
+                weight = None
+                if method == "spat":
+                    classes = None
+                    if spat_classes is not None and spat_classes < num_classes:
+                        classes = torch.randperm(num_classes, generator=gen)[:spat_classes].tolist()
+                    weight = shared_pixel_weights(model, x, classes=classes,
+                                                  reduce_channels=spat_reduce_channels)
+                    sums["weight_mean"] += float(weight.mean()) * len(y)
+                delta = pgd_perturb(model, x, y, eps=eps, steps=steps, step_size=step_size,
+                                    random_start=random_start, weight=weight, generator=gen)
+                model.train()
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(it)
+                x_adv = x + delta
+                logits = model(x_adv)
+                loss = F.cross_entropy(logits, y)
+                if extra_loss is not None:
+                    feats = captured.pop("features", None)
+                    if feats is None:
+                        feats = model.features(x_adv)
+                    extra = extra_loss(feats, y, aux[idx] if aux is not None else None)
+                    sums["extra"] += float(extra.detach()) * len(y)
+                    loss = loss + extra
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                it += 1
+                sums["loss"] += float(loss.detach()) * len(y)
+                sums["correct"] += int((logits.detach().argmax(1) == y).sum())
+                bar.update(1)
+                bar.set_postfix(epoch=epoch + 1, loss=f"{sums['loss'] / min(n, start + len(y)):.3f}")
+            record = {"epoch": epoch + 1, "loss": sums["loss"] / n,
+                      "adv_train_accuracy": sums["correct"] / n,
+                      "seconds": time.perf_counter() - t0}
+            if extra_loss is not None:
+                record["extra_loss"] = sums["extra"] / n
+            if method == "spat":
+                record["weight_mean"] = sums["weight_mean"] / n
+            history.append(record)
+    finally:
+        if handle is not None:
+            handle.remove()
+        bar.close()
+    model.eval()
+    return history
+
+
+# ------------------------------------------------------------------------------------ defense
+def dataset_defaults(dataset: str, resolution: int | None = None) -> tuple[int, float]:
+    """(num_classes, default Linf eps) of ``dataset``."""
+    from bench.data import dataset_info
+
+    info = dataset_info(dataset, resolution=resolution)
+    return info.num_classes, float(info.default_eps["linf"])
+
+
+def build_model(arch: str, num_classes: int, seed: int, device: str | torch.device) -> nn.Module:
+    from bench.models import create_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(arch, num_classes=num_classes)
+    return model.to(device).eval()
+
+
+class FitStateMixin:
+    """A ``fit_done`` buffer in the state dict, so a state dict loaded into a fresh instance
+    marks it fitted (the harness also sets ``fitted`` after loading an artifact)."""
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[override]
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)  # type: ignore[misc]
+        if bool(self.fit_done):  # type: ignore[attr-defined]
+            self.fitted = True
+        return result
+
+
+class AdversarialTrainingDefense(FitStateMixin, Defense):
+    """A classifier trained adversarially by :func:`adversarial_train` (SPAT or PGD-AT).
+
+    Constructor knobs: ``method`` ("spat" | "pgd"), ``dataset``, ``arch`` (None: resnet20 for
+    cifar10, preact_resnet18 for cifar10 with preset "full", resnet18_imagenet for imagenet10,
+    test_tiny_cnn for test_tiny), ``eps`` (None: the dataset's Linf default), and training
+    knobs that override the ``fit`` preset when not None: ``steps``, ``step_size`` (absolute),
+    ``random_start``, ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``schedule``,
+    ``train_limit``, ``spat_classes``; plus ``spat_reduce_channels``, ``attack_mode``,
+    ``crop_padding``, ``flip``, ``seed``. ``resolution`` is the image side (imagenet10).
+    """
+
+    trainable = True
+
+    def __init__(self, *, method: str = "spat", dataset: str = "cifar10", arch: str | None = None,
+                 eps: float | None = None, device: str = "cpu", progress: bool = False,
+                 preset: str | None = None, resolution: int | None = None,
+                 steps: int | None = None, step_size: float | None = None,
+                 random_start: bool | None = None, epochs: int | None = None,
+                 batch_size: int | None = None, lr: float | None = None,
+                 weight_decay: float | None = None, schedule: str | None = None,
+                 train_limit: int | None = None, spat_classes: int | None = None,
+                 spat_reduce_channels: bool = False, attack_mode: str = "eval",
+                 crop_padding: int | None = None, flip: bool = True, seed: int = 0) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        num_classes, default_eps = dataset_defaults(dataset, resolution)
+        arch = arch or default_arch(dataset, preset)
+        model = build_model(arch, num_classes, seed, device)
+        super().__init__(model, num_classes=num_classes)
+        self.register_buffer("fit_done", torch.tensor(False))
+        self.method = method
+        self.dataset = dataset
+        self.resolution = resolution
+        self.arch = arch
+        self.eps = float(default_eps if eps is None else eps)
+        self.device_name = str(device)
+        self.progress = progress
+        if crop_padding is None:
+            crop_padding = 2 if dataset == "test_tiny" else 4
+        self.overrides = {"steps": steps, "step_size": step_size, "random_start": random_start,
+                          "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                          "weight_decay": weight_decay, "schedule": schedule,
+                          "train_limit": train_limit, "spat_classes": spat_classes}
+        self.knobs = {"spat_reduce_channels": bool(spat_reduce_channels),
+                      "attack_mode": attack_mode, "crop_padding": int(crop_padding),
+                      "flip": bool(flip), "seed": int(seed)}
+        self.history: list[dict[str, float]] = []
+        self.fit_info: dict[str, Any] = {}
+
+    def training_settings(self, preset: str) -> dict[str, Any]:
+        """The resolved settings ``fit`` uses for ``preset`` (absolute step size included)."""
+        s = resolve_preset(preset, self.overrides)
+        if s.get("step_size") is None:
+            s["step_size"] = s["step_size_factor"] * self.eps
+        s.pop("step_size_factor", None)
+        return {**s, **self.knobs}
+
+    def fit(self, train: Any, *, preset: str = "quick", device: str | torch.device = "cpu",
+            progress: bool = True) -> "AdversarialTrainingDefense":
+        settings = self.training_settings(preset)
+        t0 = time.perf_counter()
+        self.history = adversarial_train(self.classifier, train, method=self.method, eps=self.eps,
+                                         device=device, progress=progress, **settings)
+        self.classifier.eval()
+        self.fit_info = {"preset": preset, "settings": settings,
+                         "seconds": time.perf_counter() - t0,
+                         "train_images": len(images_and_labels(train)[1])}
+        self.fit_done.fill_(True)
+        self.fitted = True
+        return self
+
+    def config(self) -> dict[str, Any]:
+        return {"method": self.method, "dataset": self.dataset, "resolution": self.resolution,
+                "arch": self.arch, "eps": self.eps, **self.overrides, **self.knobs,
+                "presets": AT_PRESETS}
+
+
+# ------------------------------------------------------------------------------------ registry
+def _named(defense: Defense, name: str) -> Defense:
+    defense.registry_name = name  # for error messages ("robustmatrix fit <name>")
+    return defense
+
+
+@DEFENSES.register("spat")
+def spat(**kwargs: Any) -> AdversarialTrainingDefense:
+    """SPAT: adversarial training with perturbations on pixels shared among all classes."""
+    return _named(AdversarialTrainingDefense(method="spat", **kwargs), "spat")
+
+
+@DEFENSES.register("pgd_at")
+def pgd_at(**kwargs: Any) -> AdversarialTrainingDefense:
+    """PGD adversarial training (Madry et al.), the same loop and budget as ``spat``."""
+    return _named(AdversarialTrainingDefense(method="pgd", **kwargs), "pgd_at")
+
+
+_TINY = {"dataset": "test_tiny", "epochs": 1, "train_limit": 200, "batch_size": 50}
+
+
+@DEFENSES.register("test_spat")
+def test_spat(**kwargs: Any) -> AdversarialTrainingDefense:
+    """Tiny SPAT on ``test_tiny`` for the test-suite (seconds)."""
+    return _named(spat(**{**_TINY, **kwargs}), "test_spat")
+
+
+@DEFENSES.register("test_pgd_at")
+def test_pgd_at(**kwargs: Any) -> AdversarialTrainingDefense:
+    """Tiny PGD-AT on ``test_tiny`` for the test-suite (seconds)."""
+    return _named(pgd_at(**{**_TINY, **kwargs}), "test_pgd_at")

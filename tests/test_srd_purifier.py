@@ -1,0 +1,333 @@
+"""SRD purifier (defenses/srd_purifier.py) and its sparse-coding solver (defenses/sparse_coding.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import defenses.srd_purifier as srd_mod
+from bench import paths
+from bench.registry import DEFENSES, create_defense
+from defenses.base import DefenseNotFittedError
+from defenses.sparse_coding import (cbpdn_objective, conv_bpdn, conv_reconstruct,
+                                    dictionary_fft, learn_conv_dictionary, lipschitz_constant,
+                                    normalise_filters, sporco_conv_bpdn, sporco_tikhonov_split,
+                                    tikhonov_split)
+from defenses.srd_purifier import SRDPurifier, cluster_latents, latent_distribution_loss
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster (and much faster on a shared machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def smooth_images(n: int, size: int = 16, seed: int = 0, dtype=torch.float64) -> torch.Tensor:
+    """Natural-ish images: blurred noise plus a gradient, in [0, 1]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, size, size, generator=g, dtype=dtype)
+    x = nn.functional.avg_pool2d(nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"), 3, 1)
+    ramp = torch.linspace(0, 0.3, size, dtype=dtype).view(1, 1, 1, size)
+    return (0.7 * x + ramp).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------ Tikhonov split
+@pytest.mark.parametrize("shape,npad", [((2, 3, 16, 16), 16), ((1, 3, 32, 32), 16),
+                                        ((2, 3, 8, 12), 16), ((1, 1, 5, 7), 3)])
+def test_tikhonov_split_equals_sporco(shape, npad):
+    x = torch.rand(*shape, dtype=torch.float64)
+    low, high = tikhonov_split(x, 5.0, npad)
+    ref_low, ref_high = sporco_tikhonov_split(x, 5.0, npad)
+    assert torch.allclose(low, ref_low, atol=1e-12) and torch.allclose(high, ref_high, atol=1e-12)
+    assert torch.allclose(low + high, x)
+    # float32 (the fast path) agrees to float32 precision
+    low32, _ = tikhonov_split(x.float(), 5.0, npad)
+    assert torch.allclose(low32.double(), ref_low, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ CBPDN solver
+def test_conv_reconstruct_is_circular_convolution_with_top_left_origin():
+    torch.manual_seed(0)
+    D = torch.randn(2, 3, 3, 3, dtype=torch.float64)
+    X = torch.randn(1, 2, 6, 7, dtype=torch.float64)
+    expected = torch.zeros(1, 3, 6, 7, dtype=torch.float64)
+    for m in range(2):
+        for a in range(3):
+            for b in range(3):
+                expected += D[m, :, a, b].view(1, 3, 1, 1) * torch.roll(X[:, m:m + 1], (a, b), (2, 3))
+    assert torch.allclose(conv_reconstruct(D, X), expected, atol=1e-12)
+
+
+def test_lipschitz_constant_matches_power_iteration():
+    torch.manual_seed(0)
+    D = normalise_filters(torch.randn(6, 3, 4, 4, dtype=torch.float64), ball=False)
+    L = lipschitz_constant(dictionary_fft(D, (12, 12)))
+    v = torch.randn(1, 6, 12, 12, dtype=torch.float64)
+    for _ in range(300):
+        v.requires_grad_(True)
+        r = conv_reconstruct(D, v)
+        g = torch.autograd.grad(0.5 * r.pow(2).sum(), v)[0]  # A^T A v
+        v = (g / g.norm()).detach()
+    power = float(conv_reconstruct(D, v).pow(2).sum())
+    assert power <= L * (1 + 1e-9) and power == pytest.approx(L, rel=1e-3)
+
+
+def test_fista_agrees_with_sporco_on_the_objective():
+    """The batched torch FISTA and SPORCO's ADMM ConvBPDN reach the same objective value,
+    both scored by the same function (cbpdn_objective)."""
+    torch.manual_seed(0)
+    _, high = tikhonov_split(smooth_images(2, 16))
+    D = normalise_filters(torch.randn(8, 3, 4, 4, dtype=torch.float64), ball=False)
+    lmbda = 0.02
+    X_torch = conv_bpdn(D, high, lmbda, max_iter=300, tol=0.0)
+    X_sporco = sporco_conv_bpdn(D, high, lmbda, max_iter=300, tol=1e-6)
+    f_torch = cbpdn_objective(D, X_torch, high, lmbda)
+    f_sporco = cbpdn_objective(D, X_sporco, high, lmbda)
+    f_zero = cbpdn_objective(D, torch.zeros_like(X_torch), high, lmbda)
+    assert f_torch < 0.8 * f_zero  # a non-trivial problem
+    assert abs(f_torch - f_sporco) / f_sporco < 0.02
+    # float32 torch solve, the purifier's precision, is as good
+    X32 = conv_bpdn(D.float(), high.float(), lmbda, max_iter=300, tol=0.0)
+    assert abs(cbpdn_objective(D, X32, high, lmbda) - f_sporco) / f_sporco < 0.02
+
+
+def test_fista_batches_independently_and_is_differentiable():
+    torch.manual_seed(0)
+    _, high = tikhonov_split(smooth_images(3, 12, dtype=torch.float32))
+    D = normalise_filters(torch.randn(4, 3, 3, 3), ball=False)
+    X_all = conv_bpdn(D, high, 0.02, max_iter=40, tol=0.0)
+    X_one = conv_bpdn(D, high[1:2], 0.02, max_iter=40, tol=0.0)
+    assert torch.allclose(X_all[1:2], X_one, atol=1e-5)
+    s = high.clone().requires_grad_(True)
+    out = conv_reconstruct(D, conv_bpdn(D, s, 0.02, max_iter=5, tol=0.0))
+    (g,) = torch.autograd.grad(out.pow(2).sum(), s)
+    assert torch.isfinite(g).all() and float(g.abs().sum()) > 0
+
+
+def test_dictionary_learning_lowers_the_objective_and_respects_constraints():
+    _, high = tikhonov_split(smooth_images(24, 12, dtype=torch.float32))
+    history: list[float] = []
+    D = learn_conv_dictionary(high, num_filters=6, filter_size=4, lmbda=0.02, iterations=12,
+                              batch_size=12, coding_iterations=10, seed=0, history=history)
+    assert D.shape == (6, 3, 4, 4)
+    assert float(D.flatten(1).norm(dim=1).max()) <= 1 + 1e-5
+    assert history[-1] < 0.9 * history[0]
+    again = learn_conv_dictionary(high, num_filters=6, filter_size=4, lmbda=0.02, iterations=12,
+                                  batch_size=12, coding_iterations=10, seed=0)
+    assert torch.equal(D, again)  # seeded
+
+
+# ------------------------------------------------------------------------------ clustering
+def test_adaptive_clustering_finds_the_number_of_modes():
+    g = torch.Generator().manual_seed(0)
+    # class 0: two far-apart blobs; class 1: one blob
+    z0 = torch.cat([torch.randn(20, 6, generator=g) + 8, torch.randn(20, 6, generator=g) - 8])
+    z1 = torch.randn(30, 6, generator=g)
+    z = torch.cat([z0, z1])
+    y = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(30, dtype=torch.long)])
+    out = cluster_latents(z, y, 2, max_clusters=4, pca_dim=4, min_samples_per_class=10)
+    assert out["k_per_class"] == [2, 1]
+    assert out["cluster_class"].tolist() == [0, 0, 1]
+    assert (out["assignment"] >= 0).all()
+    for c in range(3):
+        members = z[out["assignment"] == c]
+        assert torch.allclose(out["means"][c], members.mean(0), atol=1e-5)
+        assert torch.allclose(out["stds"][c], members.std(0, unbiased=False), atol=1e-5)
+    assert set(out["assignment"][:20].tolist()) != set(out["assignment"][20:40].tolist())
+
+
+def test_too_few_samples_per_class_is_a_clear_error():
+    z = torch.randn(25, 4)
+    y = torch.tensor([0] * 20 + [1] * 5)
+    with pytest.raises(ValueError, match=r"class 'cat' \(index 1\) has 5 .*at least "
+                                         r"min_samples_per_class=10"):
+        cluster_latents(z, y, 2, min_samples_per_class=10, class_names=["dog", "cat"])
+
+
+def test_latent_distribution_loss():
+    means = torch.tensor([[0.0, 0.0], [5.0, 5.0]])
+    stds = torch.tensor([[1.0, 1.0], [0.5, 0.5]])
+    loss = latent_distribution_loss(means, stds, weight=0.3)
+    f = torch.tensor([[1.0, 1.0], [-1.0, -1.0]], requires_grad=True)  # mean 0, std 1: cluster 0
+    y = torch.zeros(2, dtype=torch.long)
+    assert float(loss(f, y, torch.tensor([0, 0])).detach()) == pytest.approx(0.0, abs=1e-6)
+    value = loss(f, y, torch.tensor([1, 1]))
+    expected = 0.3 * (float(torch.tensor([5.0, 5.0]).norm()) + float(torch.tensor([0.5, 0.5]).norm()))
+    assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
+    value.backward()
+    assert f.grad is not None and float(f.grad.abs().sum()) > 0
+
+
+# ------------------------------------------------------------------------------ purifier
+class MeanFeatures(nn.Module):
+    def features(self, x):
+        return x.mean(dim=(2, 3))
+
+
+def test_purifier_with_a_delta_dictionary_and_no_sparsity_is_the_identity():
+    """low + exactly rebuilt high = the input: checks the split, the solver and the rebuild."""
+    p = SRDPurifier(MeanFeatures(), sparsity=1e-6, coding_iterations=300, coding_tol=0.0)
+    D = torch.zeros(3, 3, 2, 2)
+    for c in range(3):
+        D[c, c, 0, 0] = 1.0  # one delta filter per channel: the synthesis operator is identity
+    p._buffers["dictionaries"] = D.unsqueeze(0)
+    p._buffers["cluster_means"] = torch.zeros(1, 3)
+    p._buffers["cluster_stds"] = torch.ones(1, 3)
+    p._buffers["cluster_class"] = torch.zeros(1, dtype=torch.long)
+    x = smooth_images(4, 16, dtype=torch.float32)
+    assert torch.allclose(p(x), x, atol=1e-4)
+
+
+def test_purifier_picks_the_nearest_cluster_dictionary(monkeypatch):
+    p = SRDPurifier(MeanFeatures(), coding_iterations=3)
+    p._buffers["cluster_means"] = torch.tensor([[0.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    p._buffers["cluster_stds"] = torch.ones(2, 3)
+    p._buffers["cluster_class"] = torch.tensor([0, 1])
+    p._buffers["dictionaries"] = torch.stack([torch.full((2, 3, 2, 2), 0.1),
+                                              torch.full((2, 3, 2, 2), 0.2)])
+    x = torch.cat([torch.full((2, 3, 8, 8), 0.1), torch.full((3, 3, 8, 8), 0.9)])
+    used = []
+    real = srd_mod.conv_bpdn
+
+    def spy(D, S, *a, **k):
+        used.append((float(D.flatten()[0]), len(S)))
+        return real(D, S, *a, **k)
+
+    monkeypatch.setattr(srd_mod, "conv_bpdn", spy)
+    p(x)
+    assert sorted(used) == [(pytest.approx(0.1), 2), (pytest.approx(0.2), 3)]
+
+
+@pytest.fixture(scope="module")
+def fitted_tiny_srd():
+    from bench.data import load_eval, load_train
+
+    d = create_defense("test_srd")
+    with pytest.raises(DefenseNotFittedError):
+        d(torch.rand(2, 3, 16, 16))
+    cfg_before = json.dumps(d.config(), sort_keys=True, default=str)
+    d.fit(load_train("test_tiny"), preset="tiny", progress=False)
+    d.eval()
+    assert json.dumps(d.config(), sort_keys=True, default=str) == cfg_before
+    return d, load_eval("test_tiny", 40)
+
+
+def test_srd_fit_structure_and_output_range(fitted_tiny_srd):
+    d, test = fitted_tiny_srd
+    s = d.structure
+    assert s.has_preprocessor and not s.preprocessor_differentiable and s.has_surrogate
+    assert s.trainable and not s.random
+    p = d.purifier
+    assert p.num_clusters >= 10 and p.dictionaries.shape[1:] == (4, 3, 4, 4)
+    assert sorted(set(p.cluster_class.tolist())) == list(range(10))
+    with torch.no_grad():
+        purified = p(test.images)
+        logits = d(test.images)
+    assert purified.shape == test.images.shape
+    assert float(purified.min()) >= 0.0 and float(purified.max()) <= 1.0
+    assert logits.shape == (40, 10) and torch.isfinite(logits).all()
+    assert not torch.allclose(purified, test.images, atol=1e-3)  # it does change the high band
+
+
+def test_srd_purification_keeps_the_low_band(fitted_tiny_srd):
+    """low(purified) - low(x) = L(rebuilt high - high) + L(clamp correction) (L linear); the
+    low-pass L lets little of the (high-frequency) reconstruction error through, so the low
+    band moves by a small fraction of the high band's size, far less than the low band itself
+    (~0.45 here). Measured ~0.09 x mean|high| on this set; tolerance 0.25 x."""
+    d, test = fitted_tiny_srd
+    x = test.images
+    with torch.no_grad():
+        purified = d.purifier(x)
+    low_p, _ = tikhonov_split(purified)
+    low_x, high_x = tikhonov_split(x)
+    change = (low_p - low_x).abs().mean()
+    assert float(change) <= 0.25 * float(high_x.abs().mean())
+    assert float(change) <= 0.05 * float(low_x.abs().mean())
+    # and the change in the whole image is mostly high-frequency
+    assert float((purified - x).abs().mean()) > float(change)
+
+
+def test_srd_state_dict_round_trip(fitted_tiny_srd):
+    d, test = fitted_tiny_srd
+    state = {k: v.clone() for k, v in d.state_dict().items()}
+    assert any(k.startswith("preprocessor.dictionaries") for k in state)
+    assert "preprocessor.coding_iters" in state  # the preset's solver setting travels too
+    fresh = create_defense("test_srd").eval()
+    fresh.load_state_dict(state)
+    assert fresh.fitted and fresh.purifier.num_clusters == d.purifier.num_clusters
+    with torch.no_grad():
+        assert torch.equal(fresh(test.images), d(test.images))
+
+
+def test_srd_surrogate_is_differentiable(fitted_tiny_srd):
+    d, test = fitted_tiny_srd
+    sur = d.purifier.surrogate()
+    x = test.images[:4].clone().requires_grad_(True)
+    out = sur(x)
+    assert out.shape == x.shape
+    (g,) = torch.autograd.grad((out * torch.randn_like(out)).sum(), x)
+    assert torch.isfinite(g).all() and float(g.abs().sum()) > 0
+    assert not any(k.startswith("purifier") for k in sur.state_dict())  # no second copy
+
+
+def test_srd_trains_its_robust_model_with_the_shared_loop(monkeypatch):
+    calls = []
+    real = srd_mod.adversarial_train
+
+    def spy(model, train, **kw):
+        calls.append(kw)
+        return real(model, train, **kw)
+
+    monkeypatch.setattr(srd_mod, "adversarial_train", spy)
+    from bench.data import load_train
+
+    d = create_defense("test_srd", train_limit=200, max_clusters=1, kmeans_init=1)
+    d.fit(load_train("test_tiny"), preset="tiny", progress=False)
+    assert len(calls) == 1
+    assert calls[0]["method"] == "pgd" and calls[0]["extra_loss"] is not None
+    assert calls[0]["aux"] is not None and "extra_loss" in d.history[0]
+
+
+def test_srd_too_few_samples_per_class(monkeypatch):
+    from bench.data import load_train
+
+    train = load_train("test_tiny").subset(list(range(0, 2000, 100)))  # 2 images per class
+    d = create_defense("test_srd", train_limit=None)
+    with pytest.raises(ValueError, match=r"class 'class0' \(index 0\) has 2 .*"
+                                         r"min_samples_per_class=10"):
+        d.fit(train, preset="tiny", progress=False)
+
+
+@pytest.mark.parametrize("name", ["srd", "test_srd"])
+def test_registered(name):
+    assert name in DEFENSES.list()
+
+
+@pytest.mark.slow
+@pytest.mark.data
+@pytest.mark.skipif(paths.shared_data() is None, reason="needs ../shared/data (Imagenette tree)")
+def test_srd_imagenet10_small_resolution():
+    from bench.data import load_eval, load_train
+
+    if not (paths.shared_data() / "imagenette-224").is_dir():
+        pytest.skip("no Imagenette tree in the shared data folder")
+    train = load_train("imagenet10", resolution=32, limit=200)
+    test = load_eval("imagenet10", 30, resolution=32)
+    d = create_defense("srd", dataset="imagenet10", resolution=32, arch="test_tiny_cnn",
+                       preset="tiny", epochs=1, batch_size=50, num_filters=8, filter_size=6,
+                       dict_iterations=4, dict_images_per_cluster=32, coding_iterations=10,
+                       max_clusters=2, kmeans_init=2)
+    assert d.eps == pytest.approx(4 / 255)
+    d.fit(train, preset="tiny", progress=False)
+    d.eval()
+    with torch.no_grad():
+        purified = d.purifier(test.images)
+        out = d(test.images)
+    assert float(purified.min()) >= 0 and float(purified.max()) <= 1
+    assert out.shape == (30, 10) and torch.isfinite(out).all()
