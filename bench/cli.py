@@ -52,8 +52,17 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     return tuple(errs)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is ONE line too (exit status 2), like every other error."""
+
+    def error(self, message: str):  # type: ignore[override]
+        from bench.config import one_line
+
+        self.exit(2, f"robustmatrix: error: {one_line(message)} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="robustmatrix", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Adversarial robustness benchmark: every defense against every attack, with "
                     "adaptive attacks, reliability flags and a resumable result store.",
@@ -309,7 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return handlers[args.command](args)
     except _expected_errors() as exc:
-        print(f"robustmatrix: error: {exc}", file=sys.stderr)
+        from bench.config import one_line
+
+        print(f"robustmatrix: error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a full disk or a read-only run directory while writing files
+        import errno
+
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        from bench.config import one_line
+
+        print(f"robustmatrix: error: {one_line(exc)}; is the disk full or the run directory "
+              "read-only? Finished batches are stored: fix it and run the same command again "
+              "to resume", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("robustmatrix: interrupted; finished batches are stored, run the same command "

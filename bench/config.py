@@ -27,8 +27,17 @@ MAX_N = 1_000_000
 MAX_BATCH = 65_536
 
 
+def one_line(text: object) -> str:
+    """``str(text)`` on ONE line: line breaks and other control characters (a user's value can
+    hold them, e.g. a YAML key ``"\\n"``) are shown escaped, as ``repr`` shows them."""
+    return "".join(ch if ch.isprintable() or ch == " " else repr(ch)[1:-1] for ch in str(text))
+
+
 class ConfigError(ValueError):
     """A malformed benchmark configuration (one-line message with the fix)."""
+
+    def __init__(self, message: object = "") -> None:
+        super().__init__(one_line(message))
 
 
 @dataclass
@@ -157,7 +166,7 @@ def _component(item: Any, where: str) -> ComponentSpec:
     if isinstance(item, dict):
         item = dict(item)
         if "name" not in item:
-            raise ConfigError(f"{where}: each entry needs a 'name' key, got keys {sorted(item)}")
+            raise ConfigError(f"{where}: each entry needs a 'name' key, got keys {sorted(map(str, item))}")
         name = _name(item.pop("name"), where + ".name")
         label = item.pop("label", "") or ""
         if not isinstance(label, str):

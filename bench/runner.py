@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -217,11 +218,15 @@ def _save_adv(run_dir: Path, key: str, batch: int, adv: torch.Tensor) -> tuple[s
 
     d = run_dir / "adv" / key[:20]
     d.mkdir(parents=True, exist_ok=True)
-    path = d / f"{batch:05d}.safetensors"
-    tmp = path.with_suffix(".tmp")
+    # a temporary name of this writer's own and a content-addressed final name: two runs on one
+    # store (or a rerun after a kill) never write the same file, and a batch row always points
+    # at the bytes its sha256 was computed from (docs/reliability.md)
+    tmp = d / f".{batch:05d}.{os.getpid()}.{threading.get_ident()}.tmp"
     save_file({"adv": adv.detach().cpu().contiguous()}, str(tmp))
-    tmp.replace(path)
-    return str(path.relative_to(run_dir)), hashlib.sha256(path.read_bytes()).hexdigest()
+    sha = hashlib.sha256(tmp.read_bytes()).hexdigest()
+    path = d / f"{batch:05d}-{sha[:16]}.safetensors"
+    os.replace(tmp, path)
+    return str(path.relative_to(run_dir)), sha
 
 
 def load_adv(run_dir: Path, rel_path: str, sha256: str | None = None) -> torch.Tensor:

@@ -97,8 +97,14 @@ class ResultStore:
             if not self.path.exists():
                 raise StoreError(f"no result store at {self.path}; run `robustmatrix run` first "
                                  "or pass --run-dir pointing at an existing run")
-            uri = f"file:{self.path}?mode=ro"
-            self.conn = sqlite3.connect(uri, uri=True, timeout=30)
+            uri = self.path.resolve().as_uri() + "?mode=ro"
+            try:
+                self.conn = sqlite3.connect(uri, uri=True, timeout=30)
+                self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"cannot read the result store {self.path} ({exc}); it is not a "
+                                 "robustmatrix store or it is damaged: pass --run-dir pointing at "
+                                 "a run directory") from exc
         else:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,10 +113,11 @@ class ResultStore:
                 self.conn.execute("PRAGMA synchronous=NORMAL")
                 self.conn.executescript(_DDL)
                 self._check_schema()
-            except (sqlite3.OperationalError, OSError) as exc:
+            except (sqlite3.DatabaseError, OSError) as exc:  # incl. 'file is not a database'
                 raise StoreError(f"cannot open the result store {self.path} for writing ({exc}); "
-                                 "check the directory is writable and the disk is not full, or "
-                                 "choose another --run-dir") from exc
+                                 "check the directory is writable, the disk is not full and the "
+                                 "file is a robustmatrix store, or choose another --run-dir"
+                                 ) from exc
         self.conn.row_factory = sqlite3.Row
 
     def _check_schema(self) -> None:
@@ -118,7 +125,7 @@ class ResultStore:
         if row is None:
             self.conn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                               (str(SCHEMA_VERSION),))
-        elif int(row[0]) != SCHEMA_VERSION:
+        elif str(row[0]) != str(SCHEMA_VERSION):
             raise StoreError(f"the store {self.path} has schema {row[0]}, this robustmatrix "
                              f"writes schema {SCHEMA_VERSION}; use a new --run-dir")
 
@@ -134,16 +141,20 @@ class ResultStore:
                              "run may be writing it: wait for it or use another --run-dir") from exc
         try:
             yield self.conn
-        except BaseException:
-            self.conn.execute("ROLLBACK")
+            self.conn.execute("COMMIT")
+        except BaseException as exc:
+            if self.conn.in_transaction:  # SQLite may have rolled back itself (SQLITE_FULL)
+                try:
+                    self.conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            if isinstance(exc, sqlite3.OperationalError) or type(exc) is sqlite3.DatabaseError:
+                # a full disk, a read-only file or directory, an I/O error: one line, not a trace
+                raise StoreError(f"could not write to the result store {self.path} ({exc}); is "
+                                 "the disk full or the run directory read-only? Nothing already "
+                                 "stored was lost: fix it and run the same command again to "
+                                 "resume") from exc
             raise
-        else:
-            try:
-                self.conn.execute("COMMIT")
-            except sqlite3.OperationalError as exc:
-                self.conn.execute("ROLLBACK")
-                raise StoreError(f"could not commit to {self.path} ({exc}); is the disk full or "
-                                 "read-only? Nothing already stored was lost.") from exc
 
     # cells ------------------------------------------------------------------------------------
     def cell(self, key: str) -> CellRow | None:
