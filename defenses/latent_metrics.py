@@ -105,7 +105,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, window_si
     sxx = blur(x * x) - mu_x ** 2
     syy = blur(y * y) - mu_y ** 2
     sxy = blur(x * y) - mu_x * mu_y
-    s = ((2 * mu_x * mu_y + c1) * (2 * sxy + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2))
+    s = (((2 * mu_x * mu_y + c1) * (2 * sxy + c2))
+         / ((mu_x ** 2 + mu_y ** 2 + c1) * (sxx + syy + c2)))
     return _reduce(s.flatten(1).mean(1), reduction)
 
 
@@ -133,6 +134,7 @@ def tsne_figure(latent_sets: Mapping[str, tuple[Any, Any]], path: str | Path, *,
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits
 
     if not latent_sets:
         raise ValueError("tsne_figure needs at least one latent set")
@@ -151,11 +153,16 @@ def tsne_figure(latent_sets: Mapping[str, tuple[Any, Any]], path: str | Path, *,
             keep = rng.choice(len(z), max_points, replace=False)
             z, y = z[keep], y[keep]
         perp = float(min(perplexity, max(2.0, (len(z) - 1) / 3.0)))
-        emb = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(z)
+        tsne = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed)
+        # OpenMP threads spin-wait: on a small set they cost several times the work on a
+        # shared machine, so small sets run on one thread
+        with threadpool_limits(limits=1 if len(z) <= 1000 else None):
+            emb = tsne.fit_transform(z)
         handles = []
         for cls in np.unique(y):
             m = y == cls
-            label = class_names[cls] if class_names is not None and cls < len(class_names) else str(cls)
+            named = class_names is not None and cls < len(class_names)
+            label = class_names[cls] if named else str(cls)
             handles.append(ax.scatter(emb[m, 0], emb[m, 1], s=6, color=cmap(int(cls) % cmap.N),
                                       label=label))
         ax.set_title(name)

@@ -1,0 +1,532 @@
+"""Adversarial-autoencoder detector (Makhzani et al. 2015; used as a detector as in MagNet).
+
+What is known (``../shared/METHODS.md`` section 2):
+
+* AAE training, each minibatch in two phases: (1) reconstruction: update encoder and decoder on
+  the reconstruction loss; (2) regularisation: update a discriminator to tell prior samples
+  ``z ~ p(z)`` from codes ``E(x)``, then update the encoder to fool it.
+* MagNet's score: the reconstruction error ``mean |x - AE(x)|^p``; the threshold rejects a fixed
+  fraction of CLEAN held-out inputs (the false-positive rate).
+
+What is OUR reconstruction (each a knob):
+
+* [reconstruction] Second score: the prior's negative log-density of ``E(x)`` (``components``
+  picks either or both). Each component gets its own threshold and an input is flagged if
+  EITHER passes. How the stated FPR is split between them (``threshold_split``):
+
+  - ``"union"`` (default): both components at one per-component rate, found by bisection so
+    that the UNION rejects exactly ``fpr`` of the clean calibration set, so the stated FPR is
+    the real one whatever the correlation of the two scores;
+  - ``"half"``: each component at ``fpr / 2`` (a union bound: the real FPR then lies between
+    ``fpr / 2`` and ``fpr``, at the low end when the scores are strongly correlated).
+
+  The combined, differentiable score is ``max_c (s_c - t_c) / scale_c`` (``t_c`` the component
+  threshold, ``scale_c`` the spread of the clean scores between their 50% and 95% quantiles), so
+  ``threshold = 0`` and a detector-aware attack's margin is in units of the clean spread.
+* [reconstruction] Networks: the conv trunk / decoder of the semantic AE (no label; BatchNorm
+  by default, ``norm``), an MLP discriminator with LeakyReLU. Optimisers: Adam for each phase
+  (``lr`` for reconstruction, ``lr_discriminator``, ``lr_generator`` for the encoder's fooling
+  step; a loss weight would be a no-op under Adam, so the balance is set by the rates), and an
+  R1 gradient penalty on prior samples (``r1_penalty``, Mescheder et al. 2018). These defaults
+  (BatchNorm, equal adversarial rates, R1 = 1) are what kept the codes near the prior on our
+  test_tiny runs; without BatchNorm or with a slower discriminator than encoder the codes ran
+  away from the prior (their moment distance to it grew to the hundreds). Prior: ``"normal"``
+  (standard normal) or ``"mixture"`` (one isotropic Gaussian per class, means on seeded random
+  directions at ``mixture_radius``, std ``mixture_std``); with ``supervised_prior=True`` the
+  discriminator also sees the one-hot label and the prior sample is drawn from the label's
+  component (Makhzani's semi-supervised variant); the detector's density is the full mixture
+  either way.
+* The threshold is calibrated inside ``fit`` on a held-out part of the train split
+  (``calibration_fraction``, seeded, per class), never on the training images.
+
+Registered as ``aae_detector`` (a detect-or-classify defense: ``forward`` is the classifier's
+logits, ``detector`` is the AAE) and ``test_aae_detector`` (tiny, on ``test_tiny``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.registry import DEFENSES
+from defenses.base import Defense, Detector
+from defenses.semantic_autoencoder import (ConvDecoder, ConvTrunk, _check_train, _named,
+                                           dataset_geometry, default_widths,
+                                           resolve_classifier_spec, spatial_sizes)
+
+AAE_PRESETS: dict[str, dict[str, Any]] = {
+    "quick": {"epochs": 5},
+    "full": {"epochs": 40},
+}
+
+COMPONENTS = ("recon", "prior")
+
+
+def validate_fpr(fpr: float) -> float:
+    try:
+        value = float(fpr)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"false-positive rate must lie strictly between 0 and 1 (a fraction of "
+                         f"clean inputs rejected, e.g. 0.05 for 5%), got {fpr!r}")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# prior
+# ----------------------------------------------------------------------------------------------
+class LatentPrior(nn.Module):
+    """``"normal"``: N(0, I); ``"mixture"``: (1/K) sum_k N(mu_k, std^2 I), one per class."""
+
+    def __init__(self, latent_dim: int, kind: str = "normal", num_components: int = 10,
+                 mixture_radius: float = 4.0, mixture_std: float = 1.0, seed: int = 0) -> None:
+        super().__init__()
+        if kind not in ("normal", "mixture"):
+            raise ValueError(f"prior must be 'normal' or 'mixture', got {kind!r}")
+        self.kind = kind
+        self.latent_dim = latent_dim
+        self.std = float(mixture_std) if kind == "mixture" else 1.0
+        if kind == "mixture":
+            g = torch.Generator().manual_seed(seed)
+            directions = torch.randn(num_components, latent_dim, generator=g)
+            means = mixture_radius * directions / directions.norm(dim=1, keepdim=True)
+        else:
+            means = torch.zeros(1, latent_dim)
+        self.register_buffer("means", means)
+
+    @property
+    def num_components(self) -> int:
+        return self.means.shape[0]
+
+    def sample(self, n: int, labels: torch.Tensor | None = None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+        eps = torch.randn(n, self.latent_dim, generator=generator)
+        if labels is None:
+            comp = torch.randint(self.num_components, (n,), generator=generator)
+        else:
+            comp = labels.cpu().long() % self.num_components
+        return (self.means.cpu()[comp] + self.std * eps).to(self.means.device)
+
+    def neg_log_density(self, z: torch.Tensor) -> torch.Tensor:
+        d = z.shape[1]
+        sq = (z.unsqueeze(1) - self.means.unsqueeze(0)).pow(2).sum(-1)  # (N, K)
+        log_comp = (-0.5 * sq / self.std ** 2 - d * math.log(self.std)
+                    - 0.5 * d * math.log(2 * math.pi))
+        return -(torch.logsumexp(log_comp, dim=1) - math.log(self.num_components))
+
+
+
+@torch.no_grad()
+def prior_distance(codes: torch.Tensor, prior: LatentPrior, *, projections: int = 128,
+                   seed: int = 0) -> float:
+    """Sliced Wasserstein-2 distance between the codes and as many prior samples.
+
+    The root mean squared difference of the sorted 1-D projections on ``projections`` random
+    unit directions (seeded): about 1 for codes collapsed to 0 under a standard normal prior,
+    near 0 (sampling noise, ~0.1 for a thousand codes) for codes distributed as the prior.
+    """
+    codes = codes.detach().float().cpu()
+    g = torch.Generator().manual_seed(seed)
+    samples = prior.sample(len(codes), generator=g).cpu()
+    dirs = torch.randn(codes.shape[1], projections, generator=g)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    a = (codes @ dirs).sort(dim=0).values
+    b = (samples @ dirs).sort(dim=0).values
+    return float((a - b).pow(2).mean().sqrt())
+
+
+# ----------------------------------------------------------------------------------------------
+# the adversarial autoencoder
+# ----------------------------------------------------------------------------------------------
+class AdversarialAutoencoder(nn.Module):
+    def __init__(self, image_shape: Sequence[int], num_classes: int, *, latent_dim: int = 32,
+                 widths: Sequence[int] | None = None, hidden_dim: int = 256,
+                 disc_hidden: int = 256, prior: str = "normal", supervised_prior: bool = False,
+                 mixture_radius: float = 4.0, mixture_std: float = 1.0, norm: str = "batch",
+                 seed: int = 0) -> None:
+        super().__init__()
+        c, h, w = (int(s) for s in image_shape)
+        widths = tuple(widths) if widths else default_widths(min(h, w))
+        self.widths = widths
+        self.num_classes = num_classes
+        self.supervised_prior = bool(supervised_prior)
+        flat = widths[-1] * spatial_sizes(h, len(widths))[-1] * spatial_sizes(w, len(widths))[-1]
+        self.encoder = nn.Sequential(ConvTrunk(c, widths, norm), nn.Linear(flat, hidden_dim),
+                                     nn.ReLU(inplace=True), nn.Linear(hidden_dim, latent_dim))
+        self.decoder = ConvDecoder(latent_dim, (c, h, w), widths, hidden_dim, norm)
+        disc_in = latent_dim + (num_classes if supervised_prior else 0)
+        self.discriminator = nn.Sequential(
+            nn.Linear(disc_in, disc_hidden), nn.LeakyReLU(0.2, inplace=True),
+            nn.Linear(disc_hidden, disc_hidden), nn.LeakyReLU(0.2, inplace=True),
+            nn.Linear(disc_hidden, 1))
+        self.prior = LatentPrior(latent_dim, prior, num_classes, mixture_radius, mixture_std, seed)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+    def discriminate(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.supervised_prior:
+            z = torch.cat([z, F.one_hot(labels.long(), self.num_classes).float()], dim=1)
+        return self.discriminator(z).squeeze(1)
+
+
+def train_aae(aae: AdversarialAutoencoder, images: torch.Tensor, labels: torch.Tensor, *,
+              epochs: int, lr: float = 1e-3, lr_discriminator: float = 5e-4,
+              lr_generator: float = 5e-4, r1_penalty: float = 1.0, batch_size: int = 128,
+              seed: int = 0, device: str | torch.device = "cpu",
+              progress: bool = True) -> list[dict[str, float]]:
+    """Two-phase AAE training per minibatch; returns per-epoch means of the losses, the
+    discriminator's accuracy (prior vs codes) and :func:`prior_distance` of the epoch's codes."""
+    from tqdm.auto import tqdm
+
+    aae.to(device).train()
+    ae_params = list(aae.encoder.parameters()) + list(aae.decoder.parameters())
+    opt_ae = torch.optim.Adam(ae_params, lr=lr)
+    opt_disc = torch.optim.Adam(aae.discriminator.parameters(), lr=lr_discriminator,
+                                betas=(0.5, 0.9))
+    opt_gen = torch.optim.Adam(aae.encoder.parameters(), lr=lr_generator, betas=(0.5, 0.9))
+    gen = torch.Generator().manual_seed(seed)
+    n = len(images)
+    steps = math.ceil(n / batch_size)
+    history: list[dict[str, float]] = []
+    with tqdm(total=epochs * steps, desc="AAE", disable=not progress, leave=False) as bar:
+        for epoch in range(epochs):
+            perm = torch.randperm(n, generator=gen)
+            sums = {"recon": 0.0, "disc": 0.0, "gen": 0.0, "disc_accuracy": 0.0}
+            codes = []
+            for s in range(steps):
+                idx = perm[s * batch_size:(s + 1) * batch_size]
+                x, y, m = images[idx].to(device), labels[idx].to(device), len(idx)
+                # phase 1: reconstruction (encoder + decoder)
+                recon = F.mse_loss(aae(x), x)
+                opt_ae.zero_grad(set_to_none=True)
+                recon.backward()
+                opt_ae.step()
+                # phase 2a: discriminator, prior samples (1) vs codes (0)
+                z_fake = aae.encode(x).detach()
+                z_real = aae.prior.sample(m, y if aae.supervised_prior else None, generator=gen)
+                if r1_penalty > 0:
+                    z_real.requires_grad_(True)
+                d_real, d_fake = aae.discriminate(z_real, y), aae.discriminate(z_fake, y)
+                disc = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+                        + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+                if r1_penalty > 0:  # R1 (Mescheder et al. 2018): gradient penalty on prior samples
+                    (grad,) = torch.autograd.grad(d_real.sum(), z_real, create_graph=True)
+                    disc = disc + 0.5 * r1_penalty * grad.pow(2).sum(1).mean()
+                opt_disc.zero_grad(set_to_none=True)
+                disc.backward()
+                opt_disc.step()
+                # phase 2b: encoder fools the discriminator
+                z = aae.encode(x)
+                d_gen = aae.discriminate(z, y)
+                gen_loss = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+                opt_gen.zero_grad(set_to_none=True)
+                gen_loss.backward()
+                opt_gen.step()
+                acc = 0.5 * (float((d_real > 0).float().mean())
+                             + float((d_fake < 0).float().mean()))
+                for k, v in (("recon", recon.item()), ("disc", disc.item()),
+                             ("gen", gen_loss.item()), ("disc_accuracy", acc)):
+                    sums[k] += v * m
+                codes.append(z_fake.cpu())
+                bar.update(1)
+            row = {k: v / n for k, v in sums.items()}
+            row["prior_distance"] = prior_distance(torch.cat(codes), aae.prior)
+            history.append(row)
+            bar.set_postfix(epoch=epoch + 1, recon=f"{row['recon']:.4f}",
+                            d_acc=f"{row['disc_accuracy']:.2f}")
+    aae.eval()
+    return history
+
+
+# ----------------------------------------------------------------------------------------------
+# the detector
+# ----------------------------------------------------------------------------------------------
+class AAEDetector(Detector):
+    """Scores inputs by AAE reconstruction error and prior negative log-density of the code.
+
+    ``score`` is differentiable; ``score_components`` returns the raw components. See the module
+    docstring for the threshold rule.
+    """
+
+    def __init__(self, aae: AdversarialAutoencoder, *, p: float = 1.0,
+                 components: Sequence[str] = COMPONENTS, threshold_split: str = "union",
+                 fpr: float = 0.05) -> None:
+        super().__init__()
+        unknown = set(components) - set(COMPONENTS)
+        if not components or unknown:
+            raise ValueError(f"components must be a non-empty subset of {COMPONENTS}, got "
+                             f"{tuple(components)}")
+        if threshold_split not in ("union", "half"):
+            raise ValueError(f"threshold_split must be 'union' or 'half', got {threshold_split!r}")
+        self.aae = aae
+        self.p = float(p)
+        self.components = tuple(c for c in COMPONENTS if c in components)
+        self.threshold_split = threshold_split
+        self.fpr = validate_fpr(fpr)
+        self.register_buffer("component_thresholds", torch.full((len(COMPONENTS),), float("nan")))
+        self.register_buffer("component_scales", torch.ones(len(COMPONENTS)))
+        self.register_buffer("component_fpr", torch.tensor(float("nan")))
+
+    def score_components(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``recon`` = mean |x - AE(x)|^p per input, ``prior`` = -log p(E(x)), ``code`` = E(x)."""
+        z = self.aae.encode(x)
+        x_hat = self.aae.decode(z)
+        recon = (x - x_hat).abs().pow(self.p).flatten(1).mean(1)
+        return {"recon": recon, "prior": self.aae.prior.neg_log_density(z), "code": z}
+
+    def _normalised(self, comps: dict[str, torch.Tensor]) -> torch.Tensor:
+        cols = [(comps[c] - self.component_thresholds[i]) / self.component_scales[i]
+                for i, c in enumerate(COMPONENTS) if c in self.components]
+        return torch.stack(cols, dim=1).amax(dim=1)
+
+    def score(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.calibrated:
+            raise RuntimeError("the AAE detector is not calibrated: fit the defense or call "
+                               "calibrate(clean_images, fpr)")
+        return self._normalised(self.score_components(x))
+
+    @torch.no_grad()
+    def calibrate(self, clean_images: torch.Tensor, fpr: float = 0.05,
+                  batch_size: int = 256) -> float:
+        """Set the component thresholds on clean held-out images; returns the realised FPR."""
+        fpr = validate_fpr(fpr)
+        device = self.component_thresholds.device
+        values = {c: [] for c in COMPONENTS}
+        for i in range(0, len(clean_images), batch_size):
+            comps = self.score_components(clean_images[i:i + batch_size].to(device))
+            for c in COMPONENTS:
+                values[c].append(comps[c].float().cpu())
+        cols = torch.stack([torch.cat(values[c]) for c in self.components], dim=1)  # (n, k)
+
+        def thresholds(rate: float) -> torch.Tensor:
+            return torch.quantile(cols, 1.0 - rate, dim=0)
+
+        def union_rate(rate: float) -> float:
+            return float((cols > thresholds(rate)).any(dim=1).float().mean())
+
+        k = cols.shape[1]
+        if k == 1:
+            rate = fpr
+        elif self.threshold_split == "half":
+            rate = fpr / k
+        else:  # bisection on the per-component rate so that the union rejects fpr
+            lo, hi = fpr / k, fpr
+            for _ in range(40):
+                mid = 0.5 * (lo + hi)
+                lo, hi = (mid, hi) if union_rate(mid) < fpr else (lo, mid)
+            rate = hi if abs(union_rate(hi) - fpr) <= abs(union_rate(lo) - fpr) else lo
+        t = thresholds(rate)
+        spread = torch.quantile(cols, 0.95, dim=0) - torch.quantile(cols, 0.5, dim=0)
+        spread = torch.where(spread > 0, spread, torch.ones_like(spread))
+        j = 0
+        for i, c in enumerate(COMPONENTS):
+            if c in self.components:
+                self.component_thresholds[i] = t[j]
+                self.component_scales[i] = spread[j]
+                j += 1
+        self.component_fpr.fill_(rate)
+        self.threshold.fill_(0.0)
+        self.fpr = fpr
+        return union_rate(rate)
+
+
+class AAEDetectorDefense(Defense):
+    """Detect-or-classify: ``forward`` = the classifier's logits, ``detector`` = the AAE.
+
+    Knobs: ``fpr`` (default 0.05), ``p`` (1 or 2), ``components``, ``threshold_split``,
+    ``prior`` ("normal" | "mixture"), ``supervised_prior``, ``mixture_radius``, ``mixture_std``,
+    ``latent_dim``, ``widths``, ``hidden_dim``, ``disc_hidden``, ``norm``, ``epochs`` (None =
+    preset), ``lr``, ``lr_discriminator``, ``lr_generator``, ``r1_penalty``, ``batch_size``,
+    ``seed``, ``train_limit``,
+    ``calibration_fraction`` (of the train split, held out for the threshold), ``resolution``.
+    ``preset`` is accepted (the harness passes it to every constructor) and used only by ``fit``.
+    """
+
+    trainable = True
+
+    def __init__(self, *, dataset: str = "cifar10", classifier: str | nn.Module | None = None,
+                 device: str = "cpu", progress: bool = False, resolution: int | None = None,
+                 fpr: float = 0.05, p: float = 1.0, components: Sequence[str] = COMPONENTS,
+                 threshold_split: str = "union", prior: str = "normal",
+                 supervised_prior: bool = False, mixture_radius: float = 4.0,
+                 mixture_std: float = 1.0, latent_dim: int = 32,
+                 widths: Sequence[int] | None = None, hidden_dim: int = 256,
+                 disc_hidden: int = 256, norm: str = "batch", epochs: int | None = None,
+                 lr: float = 1e-3, lr_discriminator: float = 5e-4, lr_generator: float = 5e-4,
+                 r1_penalty: float = 1.0, batch_size: int = 128, seed: int = 0,
+                 train_limit: int | None = None,
+                 calibration_fraction: float = 0.1,
+                 preset: str | None = None) -> None:
+        fpr = validate_fpr(fpr)
+        if not 0.0 < float(calibration_fraction) < 1.0:
+            raise ValueError(f"calibration_fraction must lie in (0, 1), got {calibration_fraction}")
+        if isinstance(components, str):
+            components = (components,)
+        model, sha, spec = resolve_classifier_spec(classifier, dataset, device, progress,
+                                                   resolution)
+        num_classes, image_shape = dataset_geometry(dataset, resolution)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            aae = AdversarialAutoencoder(
+                image_shape, num_classes, latent_dim=latent_dim, widths=widths,
+                hidden_dim=hidden_dim, disc_hidden=disc_hidden, prior=prior,
+                supervised_prior=supervised_prior, mixture_radius=mixture_radius,
+                mixture_std=mixture_std, norm=norm, seed=seed)
+        detector = AAEDetector(aae, p=p, components=components, threshold_split=threshold_split,
+                               fpr=fpr)
+        super().__init__(model, detector=detector.to(device), num_classes=num_classes)
+        self.dataset = dataset
+        self.resolution = resolution
+        self.image_shape = image_shape
+        self.classifier_spec = spec
+        self.classifier_sha256 = sha
+        self.knobs = {"fpr": fpr, "p": float(p), "components": list(detector.components),
+                      "threshold_split": threshold_split, "prior": prior,
+                      "supervised_prior": bool(supervised_prior),
+                      "mixture_radius": float(mixture_radius), "mixture_std": float(mixture_std),
+                      "latent_dim": int(latent_dim), "widths": list(aae.widths),
+                      "hidden_dim": int(hidden_dim), "disc_hidden": int(disc_hidden), "norm": norm,
+                      "epochs": epochs, "lr": float(lr),
+                      "lr_discriminator": float(lr_discriminator),
+                      "lr_generator": float(lr_generator), "r1_penalty": float(r1_penalty),
+                      "batch_size": int(batch_size),
+                      "seed": int(seed), "train_limit": train_limit,
+                      "calibration_fraction": float(calibration_fraction)}
+        self.history: list[dict[str, float]] = []
+        self.calibration: dict[str, Any] = {}
+        self.train_seconds: float | None = None
+
+    @property
+    def aae(self) -> AdversarialAutoencoder:
+        return self.detector.aae  # type: ignore[union-attr]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.require_fitted()
+        return self.classifier(x)
+
+    def score_components(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.require_fitted()
+        return self.detector.score_components(x)  # type: ignore[union-attr]
+
+    def epochs_for(self, preset: str) -> int:
+        if self.knobs["epochs"] is not None:
+            return int(self.knobs["epochs"])
+        if preset not in AAE_PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(AAE_PRESETS)}")
+        return int(AAE_PRESETS[preset]["epochs"])
+
+    def split_calibration(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train indices, held-out calibration indices): a seeded per-class split."""
+        g = torch.Generator().manual_seed(self.knobs["seed"] + 7919)
+        train_idx, held_idx = [], []
+        for cls in torch.unique(labels):
+            idx = torch.nonzero(labels == cls).flatten()
+            idx = idx[torch.randperm(len(idx), generator=g)]
+            k = int(round(len(idx) * self.knobs["calibration_fraction"]))
+            k = min(max(k, 1), len(idx) - 1) if len(idx) > 1 else 0
+            held_idx.append(idx[:k])
+            train_idx.append(idx[k:])
+        return torch.cat(train_idx).sort().values, torch.cat(held_idx).sort().values
+
+    def fit(self, train: Any, *, preset: str = "quick", device: str | torch.device = "cpu",
+            progress: bool = True) -> "AAEDetectorDefense":
+        """Train the AAE on the train split minus a held-out part; calibrate on that part."""
+        epochs = self.epochs_for(preset)
+        images, labels = _check_train(train, self.image_shape, self.num_classes)
+        train_idx, held_idx = self.split_calibration(labels)
+        if len(held_idx) < 20:
+            raise ValueError(f"only {len(held_idx)} held-out images to calibrate the threshold: "
+                             f"give more training images or a larger calibration_fraction")
+        fit_idx = train_idx
+        if self.knobs["train_limit"] is not None and len(fit_idx) > self.knobs["train_limit"]:
+            g = torch.Generator().manual_seed(self.knobs["seed"])
+            keep = torch.randperm(len(fit_idx), generator=g)[: self.knobs["train_limit"]]
+            fit_idx = fit_idx[keep]
+        self.to(device)
+        start = time.perf_counter()
+        self.history = train_aae(
+            self.aae, images[fit_idx], labels[fit_idx], epochs=epochs, lr=self.knobs["lr"],
+            lr_discriminator=self.knobs["lr_discriminator"],
+            lr_generator=self.knobs["lr_generator"], r1_penalty=self.knobs["r1_penalty"],
+            batch_size=self.knobs["batch_size"], seed=self.knobs["seed"], device=device,
+            progress=progress)
+        detector: AAEDetector = self.detector  # type: ignore[assignment]
+        realised = detector.calibrate(images[held_idx], self.knobs["fpr"])
+        self.train_seconds = time.perf_counter() - start
+        self.calibration = {"fpr": self.knobs["fpr"], "held_out": int(len(held_idx)),
+                            "calibration_fpr": realised,
+                            "component_fpr": float(detector.component_fpr)}
+        self.fitted = True
+        return self
+
+    def config(self) -> dict[str, Any]:
+        return {"dataset": self.dataset, "resolution": self.resolution,
+                "image_shape": list(self.image_shape), "num_classes": self.num_classes,
+                "classifier": self.classifier_spec, "classifier_sha256": self.classifier_sha256,
+                **self.knobs, "presets": AAE_PRESETS}
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------------------------
+def _images_of(data: Any) -> torch.Tensor:
+    return data.images if hasattr(data, "images") else data
+
+
+@torch.no_grad()
+def detection_metrics(defense: Any, clean: Any, adversarial: Any, *,
+                      batch_size: int = 256) -> dict[str, float]:
+    """``fpr`` (clean flagged), ``detection_rate`` (adversarial flagged), ``auroc`` (clean vs
+    adversarial by detector score). ``clean``/``adversarial``: tensors or LabeledImages."""
+    from sklearn.metrics import roc_auc_score
+
+    detector = defense.detector if hasattr(defense, "detector") else defense
+    if detector is None:
+        raise ValueError(f"{type(defense).__name__} has no detector")
+    if hasattr(defense, "require_fitted"):
+        defense.require_fitted()
+    device = detector.threshold.device
+
+    def scores(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([detector.score(images[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(images), batch_size)])
+
+    s_clean, s_adv = scores(_images_of(clean)), scores(_images_of(adversarial))
+    t = float(detector.threshold)
+    y = torch.cat([torch.zeros(len(s_clean)), torch.ones(len(s_adv))]).numpy()
+    return {"fpr": float((s_clean > t).float().mean()),
+            "detection_rate": float((s_adv > t).float().mean()),
+            "auroc": float(roc_auc_score(y, torch.cat([s_clean, s_adv]).numpy())),
+            "configured_fpr": float(getattr(detector, "fpr", float("nan"))),
+            "n_clean": int(len(s_clean)), "n_adversarial": int(len(s_adv))}
+
+
+# ----------------------------------------------------------------------------------------------
+# registry entries
+# ----------------------------------------------------------------------------------------------
+@DEFENSES.register("aae_detector")
+def aae_detector(**kwargs: Any) -> AAEDetectorDefense:
+    """Adversarial-autoencoder detector in front of a classifier (detect-or-classify)."""
+    return _named(AAEDetectorDefense(**kwargs), "aae_detector")
+
+
+@DEFENSES.register("test_aae_detector")
+def test_aae_detector(**kwargs: Any) -> AAEDetectorDefense:
+    """Tiny AAE detector on ``test_tiny`` for the test-suite."""
+    tiny = {"dataset": "test_tiny", "classifier": "test_tiny_cnn@tiny", "latent_dim": 8,
+            "widths": (16, 32), "hidden_dim": 64, "disc_hidden": 64, "epochs": 6,
+            "batch_size": 32, "calibration_fraction": 0.2}
+    return _named(AAEDetectorDefense(**{**tiny, **kwargs}), "test_aae_detector")

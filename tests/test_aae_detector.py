@@ -1,0 +1,226 @@
+"""Adversarial-autoencoder detector (tiny, CPU)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from bench.registry import DEFENSES
+from defenses.aae_detector import (AAEDetector, LatentPrior, detection_metrics, prior_distance,
+                                   train_aae)
+from defenses.base import DefenseNotFittedError
+
+TINY = {"epochs": 6, "calibration_fraction": 0.3}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two torch threads on a shared 2-core machine cost several times the CPU of one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def linear_classifier(c: int = 3, size: int = 16) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(c * size * size, 10)).eval()
+    model.num_classes = 10
+    return model
+
+
+@pytest.fixture(scope="module")
+def data():
+    from bench.data import load_eval, load_train
+
+    return load_train("test_tiny", limit=1000), load_eval("test_tiny", 500)
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return linear_classifier()
+
+
+@pytest.fixture(scope="module")
+def fitted(data, classifier):
+    """(fitted defense, prior distance of the codes of the same network before training)."""
+    train, _ = data
+    d = DEFENSES.create("test_aae_detector", classifier=classifier, **TINY).eval()
+    with torch.no_grad():
+        before = prior_distance(d.aae.encode(train.images), d.aae.prior)
+    d.fit(train, progress=False)
+    return d.eval(), before
+
+
+def test_use_before_fit_raises(classifier, data):
+    d = DEFENSES.create("test_aae_detector", classifier=classifier, **TINY)
+    x = data[1].images[:4]
+    assert d.trainable and not d.fitted and d.structure.has_detector
+    with pytest.raises(DefenseNotFittedError, match="test_aae_detector"):
+        d(x)
+    with pytest.raises(DefenseNotFittedError):
+        d.detect(x)
+    with pytest.raises(RuntimeError, match="not calibrated"):
+        d.detector.score(x)
+
+
+@pytest.mark.parametrize("fpr", [0, 1, -0.1, 1.5, float("nan"), "a lot"])
+def test_fpr_outside_unit_interval_is_a_clear_error(fpr, classifier):
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        DEFENSES.create("test_aae_detector", classifier=classifier, fpr=fpr)
+
+
+def test_calibrate_rejects_bad_fpr(fitted, data):
+    with pytest.raises(ValueError, match="strictly between 0 and 1"):
+        fitted[0].detector.calibrate(data[1].images[:50], fpr=1.0)
+
+
+def test_two_phase_training_moves_codes_toward_the_prior(fitted, data):
+    d, before = fitted
+    with torch.no_grad():
+        after = prior_distance(d.aae.encode(data[0].images), d.aae.prior)
+    # untrained codes sit near 0 (distance about 1 from N(0, I)); trained ones near the prior
+    assert before > 0.8
+    assert after < 0.7 * before
+    history = d.history
+    assert len(history) == TINY["epochs"]
+    assert history[-1]["recon"] < history[0]["recon"]
+    # the discriminator does not win: it cannot tell prior samples from codes much better
+    # than chance at the end
+    assert history[-1]["disc_accuracy"] < 0.8
+
+
+def test_state_dict_roundtrip_gives_identical_outputs(fitted, classifier, data):
+    d = fitted[0]
+    buffer = io.BytesIO()
+    torch.save(d.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = DEFENSES.create("test_aae_detector", classifier=classifier, seed=7, **TINY)
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    fresh.fitted = True
+    fresh.eval()
+    x = data[1].images[:64]
+    with torch.no_grad():
+        assert torch.equal(fresh(x), d(x))
+        assert torch.equal(fresh.detector.score(x), d.detector.score(x))
+        assert torch.equal(fresh.detect(x), d.detect(x))
+    assert fresh.fingerprint() == d.fingerprint()
+
+
+def test_clean_false_positive_rate_is_close_to_the_configured_rate(fitted, data):
+    d = fitted[0]
+    assert d.calibration["fpr"] == 0.05
+    # on the held-out calibration split the union of the two thresholds rejects exactly ~5%
+    assert abs(d.calibration["calibration_fpr"] - 0.05) < 0.01
+    assert d.calibration["component_fpr"] <= 0.05
+    # on unseen clean test images (500) it stays close
+    with torch.no_grad():
+        flagged = d.detect(data[1].images).float().mean().item()
+    assert abs(flagged - 0.05) < 0.04
+
+
+def test_half_split_and_single_component(fitted, data):
+    aae = fitted[0].aae
+    clean = data[1].images[:300]
+    half = AAEDetector(aae, threshold_split="half")
+    realised = half.calibrate(clean, fpr=0.1)
+    assert 0.05 - 1e-6 <= realised <= 0.1 + 1e-6
+    assert math.isclose(float(half.component_fpr), 0.05, rel_tol=1e-6)
+    recon_only = AAEDetector(aae, components=("recon",))
+    assert abs(recon_only.calibrate(clean, fpr=0.1) - 0.1) < 0.01
+    with torch.no_grad():
+        comps = recon_only.score_components(clean[:10])
+        s = recon_only.score(clean[:10])
+    t, scale = recon_only.component_thresholds[0], recon_only.component_scales[0]
+    expected = (comps["recon"] - t) / scale
+    assert torch.allclose(s, expected)
+    with pytest.raises(ValueError, match="components"):
+        AAEDetector(aae, components=("nope",))
+    with pytest.raises(ValueError, match="threshold_split"):
+        AAEDetector(aae, threshold_split="third")
+
+
+def test_score_is_differentiable_and_exposes_components(fitted, data):
+    d = fitted[0]
+    x = data[1].images[:8].clone().requires_grad_(True)
+    score = d.detector.score(x)
+    (grad,) = torch.autograd.grad(score.sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    comps = d.score_components(x)
+    assert set(comps) >= {"recon", "prior", "code"}
+    assert (comps["recon"] >= 0).all() and comps["code"].shape == (8, 8)
+    assert float(d.detector.threshold) == 0.0  # flag = score > 0
+
+
+def test_detection_metrics_on_noisy_inputs(fitted, data):
+    d = fitted[0]
+    clean = data[1].images[:200]
+    g = torch.Generator().manual_seed(0)
+    noisy = (clean + 0.25 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    m = detection_metrics(d, clean, noisy)
+    assert set(m) >= {"fpr", "auroc", "detection_rate"}
+    assert m["auroc"] > 0.9 and m["detection_rate"] > 0.5 and m["fpr"] < 0.15
+    json.dumps(m)
+
+
+def test_config_is_json_and_names_every_knob(fitted):
+    cfg = fitted[0].config()
+    json.dumps(cfg)
+    for knob in ("fpr", "p", "components", "threshold_split", "prior", "latent_dim", "widths",
+                 "epochs", "lr", "lr_discriminator", "lr_generator", "r1_penalty",
+                 "calibration_fraction", "classifier_sha256", "seed"):
+        assert knob in cfg
+
+
+def test_priors():
+    normal = LatentPrior(4)
+    z = torch.randn(16, 4)
+    ref = -torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+    assert torch.allclose(normal.neg_log_density(z), ref, atol=1e-5)
+    mix = LatentPrior(4, "mixture", num_components=3, mixture_radius=5.0, mixture_std=0.5)
+    comps = torch.distributions.Independent(torch.distributions.Normal(mix.means, 0.5), 1)
+    gmm = torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(torch.ones(3)), comps)
+    assert torch.allclose(mix.neg_log_density(z), -gmm.log_prob(z), atol=1e-4)
+    s = mix.sample(300, labels=torch.full((300,), 2), generator=torch.Generator().manual_seed(0))
+    assert (s.mean(0) - mix.means[2]).norm() < 0.2
+    with torch.no_grad():
+        assert prior_distance(normal.sample(2000), normal) < 0.15
+        assert prior_distance(torch.zeros(2000, 4), normal) > 0.8
+    with pytest.raises(ValueError, match="prior"):
+        LatentPrior(4, "uniform")
+
+
+def test_supervised_mixture_prior_trains(data):
+    from defenses.aae_detector import AdversarialAutoencoder
+
+    aae = AdversarialAutoencoder((3, 16, 16), 10, latent_dim=8, widths=(8, 16), hidden_dim=32,
+                                 disc_hidden=32, prior="mixture", supervised_prior=True)
+    train = data[0].subset(range(0, 1000, 10))
+    history = train_aae(aae, train.images, train.labels, epochs=1, batch_size=50, progress=False)
+    assert len(history) == 1 and all(math.isfinite(v) for v in history[0].values())
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_fits_and_evaluates_on_imagenet10_at_32px(shared_data):
+    from bench.data import load_eval, load_train
+
+    train = load_train("imagenet10", resolution=32, limit=300)
+    test = load_eval("imagenet10", 100, resolution=32)
+    d = DEFENSES.create("aae_detector", dataset="imagenet10", resolution=32,
+                        classifier=linear_classifier(size=32), epochs=1, widths=(16, 32, 32),
+                        latent_dim=16, hidden_dim=64, disc_hidden=64, calibration_fraction=0.2)
+    d.fit(train, progress=False).eval()
+    with torch.no_grad():
+        assert d(test.images).shape == (100, 10)
+        flags = d.detect(test.images)
+    assert flags.dtype == torch.bool and flags.shape == (100,)
+    noisy = (test.images + 0.2 * torch.randn_like(test.images)).clamp(0, 1)
+    m = detection_metrics(d, test, noisy)
+    assert 0.0 <= m["fpr"] <= 1.0 and 0.0 <= m["auroc"] <= 1.0
