@@ -44,9 +44,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from bench.config import ConfigError
+from bench.config import EXECUTOR_OPTIONS, EXECUTORS, ConfigError
 
-EXECUTORS = ("local", "ray")
 #: ``batch_size: auto`` on a CPU (larger batches do not pay there; fixed, so keys are stable)
 CPU_AUTO_BATCH = 100
 #: ``batch_size: auto`` on CUDA: this fraction of the device's TOTAL memory (not the free memory,
@@ -158,6 +157,9 @@ class AttackView(nn.Module):
         if accel.compile:
             fwd = torch.compile(defense)
         object.__setattr__(self, "_fwd", fwd)  # not a registered submodule (no duplicate state)
+        # a new Module is in training mode; attacks save and restore the mode of what they get,
+        # which would otherwise put the defense (BatchNorm) in training mode afterwards
+        self.train(defense.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.accel.channels_last and x.ndim == 4:
@@ -353,7 +355,10 @@ class RayExecutor(Executor):
     ``address``: an existing cluster ("auto", "ray://host:10001", a GCS address); None starts a
     local one (or uses the one this process already started with ``ray.init``). ``num_cpus`` /
     ``num_gpus``: resources per task (``num_gpus`` defaults to 1 on CUDA, 0 elsewhere; a
-    fraction packs tasks on a GPU). ``threads``: torch threads per task (default ``num_cpus``).
+    fraction packs tasks on a GPU). ``threads``: torch threads per task (default: on CUDA
+    ``num_cpus``; on a CPU the driver's thread count, because CPU float results depend on it and
+    the default must reproduce a local run bit for bit; ``threads: 1`` avoids oversubscribing
+    at the price of last-bit differences).
     """
 
     name = "ray"
@@ -374,7 +379,10 @@ class RayExecutor(Executor):
         if cuda and self.num_gpus <= 0:
             raise ExecutorError("executor option num_gpus must be > 0 when the device is cuda "
                                 "(e.g. 0.25 to run four tasks per GPU)")
-        self.threads = int(threads or max(1, int(self.num_cpus)))
+        # CPU float results depend on torch's intra-op thread count: by default a CPU task uses
+        # the driver's, so a Ray run stores bit-identical results to a local run
+        self.threads = int(threads or (max(1, int(self.num_cpus)) if cuda
+                                       else torch.get_num_threads()))
         self.defense_transfer = defense_transfer
         self.max_in_flight = max_in_flight
         self._owns = False
@@ -597,11 +605,9 @@ def make_executor(cfg, *, device: str, log: Callable[[str], None] = print,
             raise ExecutorError(f"executor options {sorted(opts)} apply to the ray executor only")
         return LocalExecutor(device=device, accel=accel, log=log, progress=progress)
     if name == "ray":
-        known = {"address", "num_cpus", "num_gpus", "threads", "defense_transfer",
-                 "max_in_flight"}
-        bad = set(opts) - known
+        bad = set(opts) - set(EXECUTOR_OPTIONS)
         if bad:
             raise ExecutorError(f"unknown ray executor option {sorted(bad)[0]!r}; known: "
-                                f"{sorted(known)}")
+                                f"{list(EXECUTOR_OPTIONS)}")
         return RayExecutor(device=device, accel=accel, log=log, progress=progress, **opts)
     raise ExecutorError(f"executor: expected one of {list(EXECUTORS)}, got {name!r}")
