@@ -42,8 +42,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     except ImportError:
         pass
     try:
-        from bench.models import ChecksumError
-        errs.append(ChecksumError)
+        from bench.models import CheckpointError, ChecksumError
+        errs += [ChecksumError, CheckpointError]  # a checkpoint that is not one (HTML, junk)
     except ImportError:
         pass
     from defenses.base import DefenseNotFittedError
@@ -167,26 +167,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     from leaderboard.formats import to_markdown, write_all
     from leaderboard.table import build_tables
 
+    from bench.config import ConfigError, load_config
+
+    if not args.config.isprintable():
+        raise ConfigError(f"no preset or config file {args.config!r}; use a preset (smoke, "
+                          "quick, full) or a path to a YAML file")
     path = Path(args.config)
     if not path.suffix and (PRESETS_DIR / f"{args.config}.yaml").exists():
         path = PRESETS_DIR / f"{args.config}.yaml"
     if not path.exists():
-        from bench.config import load_config
         load_config(args.config)  # raises the one-line error
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
-        from bench.config import load_config
         load_config(str(path))
         raise
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # a folder, binary
+        raise ConfigError(f"{path}: cannot read it as a YAML config ({exc}); give a preset or a "
+                          "YAML file") from None
     if not isinstance(raw, dict):
         raw = {"__invalid__": raw}
     raw.update(_overrides(args))
     if args.data_root:
         ds = raw.get("datasets", ["cifar10"])
         ds = [ds] if isinstance(ds, str) else ds
-        raw["datasets"] = [({"name": d, "root": args.data_root} if isinstance(d, str)
-                            else {**d, "root": args.data_root}) for d in ds]
+        if isinstance(ds, list):  # anything else is refused by config_from_dict
+            raw["datasets"] = [({"name": d, "root": args.data_root} if isinstance(d, str)
+                                else {**d, "root": args.data_root} if isinstance(d, dict)
+                                else d) for d in ds]
     cfg = config_from_dict(raw, source=str(path))
     _validate_names(cfg)
     runner = MatrixRunner(cfg, progress=not args.no_progress, log=_info)

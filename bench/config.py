@@ -169,8 +169,9 @@ def _component(item: Any, where: str) -> ComponentSpec:
             raise ConfigError(f"{where}: each entry needs a 'name' key, got keys {sorted(map(str, item))}")
         name = _name(item.pop("name"), where + ".name")
         label = item.pop("label", "") or ""
-        if not isinstance(label, str):
-            raise ConfigError(f"{where}.label: expected a string, got {label!r}")
+        if not isinstance(label, str) or not label.isprintable() or len(label) > 200:
+            raise ConfigError(f"{where}.label: expected a one-line string (at most 200 "
+                              f"characters), got {label!r}")
         options = item.pop("options", {}) or {}
         if not isinstance(options, dict):
             raise ConfigError(f"{where}.options: expected a mapping, got {options!r}")
@@ -190,11 +191,62 @@ def _unique_labels(specs: list[ComponentSpec], kind: str) -> None:
         seen[s.label] = s
 
 
+#: the most values (list items, mapping entries, scalars) a config may hold: a YAML alias bomb
+#: ("billion laughs") expands to far more and is refused before anything walks it
+MAX_CONFIG_VALUES = 100_000
+#: never a run directory (results.sqlite, adv/ and leaderboard/ are written there; tests and
+#: CI often run as root): the directory itself and everything under it
+SYSTEM_DIRS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc",
+               "/run", "/sbin", "/sys", "/usr", "/var/lib", "/var/log", "/var/run", "/var/spool",
+               "/private/etc", "/private/var/db", "/System", "/Library")
+
+
+def _check_size(raw: Any, source: str) -> None:
+    count, stack = 0, [raw]
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(f"{source}: the config holds more than {MAX_CONFIG_VALUES} values "
+                              "(a YAML alias bomb?); write the options out plainly")
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend(v)
+
+
+def check_run_dir(value: Any, where: str = "run_dir") -> str:
+    """A run directory the harness may write into: a printable path that does not resolve
+    (``..`` and symlinks followed) to ``/`` or a system directory (:data:`SYSTEM_DIRS`), nor to
+    an existing file. ``..`` segments are allowed and normalised (MatrixRunner resolves the
+    path); returns ``value`` unchanged."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{where}: expected a path, got {value!r}")
+    if not value.isprintable():
+        raise ConfigError(f"{where}: {value!r} contains control characters (a line break, NUL); "
+                          "choose a plain path, e.g. runs/my_run")
+    try:
+        resolved = Path(value).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise ConfigError(f"{where}: cannot use {value!r} as a folder ({exc}); choose a plain "
+                          "path, e.g. runs/my_run") from None
+    system = [d for d in SYSTEM_DIRS if resolved == Path(d) or Path(d) in resolved.parents]
+    if resolved == Path(resolved.anchor) or system:
+        raise ConfigError(f"{where}: {value!r} resolves to {resolved}, a system directory; "
+                          "choose a folder of your own, e.g. runs/my_run")
+    if resolved.exists() and not resolved.is_dir():
+        raise ConfigError(f"{where}: {resolved} exists and is not a directory; choose another "
+                          "path")
+    return value
+
+
 def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
     """Validate a raw mapping (from YAML or flags) into a :class:`BenchmarkConfig`."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys, got "
                           f"{type(raw).__name__}")
+    _check_size(raw, source)
     unknown = set(raw) - _TOP_KEYS - {"n", "epsilons"}
     if unknown:
         import difflib
@@ -233,6 +285,8 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
     if isinstance(tm, str):
         tm = [tm]
     if isinstance(tm, list):
+        if not all(isinstance(t, str) for t in tm):
+            raise ConfigError(f"threat_models: expected threat names (linf, l2), got {tm!r}")
         tm = {t: [] for t in tm}
     if not isinstance(tm, dict) or not tm:
         raise ConfigError(f"{source}: 'threat_models' must map a threat (linf, l2) to a list of "
@@ -293,11 +347,9 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
             raise ConfigError(f"checks.convergence_tol: expected a number in [0, 1], got {tol!r}")
     cfg.checks = dict(checks)
     if "run_dir" in raw:
-        if not isinstance(raw["run_dir"], str) or not raw["run_dir"]:
-            raise ConfigError(f"run_dir: expected a path, got {raw['run_dir']!r}")
-        cfg.run_dir = raw["run_dir"]
+        cfg.run_dir = check_run_dir(raw["run_dir"])
     else:
-        cfg.run_dir = f"runs/{cfg.name}"
+        cfg.run_dir = check_run_dir(f"runs/{cfg.name}", "name (the default run_dir runs/<name>)")
     return cfg
 
 
@@ -352,6 +404,8 @@ def load_config(path_or_preset: str) -> BenchmarkConfig:
         raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{p}: cannot read the file ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config; write it out plainly") from None
     return config_from_dict(raw, source=str(p))
 
 

@@ -232,7 +232,11 @@ def _save_adv(run_dir: Path, key: str, batch: int, adv: torch.Tensor) -> tuple[s
 def load_adv(run_dir: Path, rel_path: str, sha256: str | None = None) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    path = Path(run_dir) / rel_path
+    root = Path(run_dir).resolve()
+    path = (root / rel_path).resolve()
+    if root not in path.parents:  # a stored path (store, entry) is data: it stays in the run dir
+        raise ValueError(f"stored adversarials path {rel_path!r} points outside the run directory "
+                         f"{root}; the store or entry was tampered with")
     if sha256 is not None and hashlib.sha256(path.read_bytes()).hexdigest() != sha256:
         raise ValueError(f"stored adversarials {path} do not match their sha256; the run "
                          "directory was modified: re-run the cell")
@@ -274,7 +278,7 @@ class MatrixRunner:
             ds = group[0].dataset
             if di not in data_cache:
                 load_kw = {k: v for k, v in ds.options.items()
-                           if k in ("root", "source", "resolution", "split")}
+                           if k in ("root", "source", "resolution", "split", "on_bad_image")}
                 data_cache[di] = load_eval(ds.name, ds.n, seed=cfg.seed, **load_kw)
             data = data_cache[di]
             self._run_group(group, data, summary)
