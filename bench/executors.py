@@ -353,18 +353,19 @@ class RayExecutor(Executor):
     """One Ray task per batch; results streamed back and stored by the driver as they arrive.
 
     ``address``: an existing cluster ("auto", "ray://host:10001", a GCS address); None starts a
-    local one (or uses the one this process already started with ``ray.init``). ``num_cpus`` /
-    ``num_gpus``: resources per task (``num_gpus`` defaults to 1 on CUDA, 0 elsewhere; a
-    fraction packs tasks on a GPU). ``threads``: torch threads per task (default: on CUDA
-    ``num_cpus``; on a CPU the driver's thread count, because CPU float results depend on it and
-    the default must reproduce a local run bit for bit; ``threads: 1`` avoids oversubscribing
-    at the price of last-bit differences).
+    local one (or uses the one this process already started with ``ray.init``). ``threads``:
+    torch threads per task; ``num_cpus`` / ``num_gpus``: resources per task. On CUDA: 1 thread,
+    1 CPU and ``num_gpus`` 1 (a fraction packs tasks on a GPU). On a CPU the default is the
+    driver's thread count for both ``threads`` and ``num_cpus``, because CPU float results
+    depend on the thread count and the default must reproduce a local run bit for bit;
+    ``threads: 1`` runs one task per core (more tasks at once, last-bit differences).
     """
 
     name = "ray"
 
     def __init__(self, *, device: str, accel: Acceleration | None = None, log=print,
-                 progress: bool = False, address: str | None = None, num_cpus: float = 1,
+                 progress: bool = False, address: str | None = None,
+                 num_cpus: float | None = None,
                  num_gpus: float | None = None, threads: int | None = None,
                  defense_transfer: str = "put", max_in_flight: int | None = None) -> None:
         super().__init__(device=device, accel=accel, log=log, progress=progress)
@@ -373,16 +374,19 @@ class RayExecutor(Executor):
                                 f"{defense_transfer!r}")
         self.ray = import_ray()
         self.address = address
-        self.num_cpus = float(num_cpus)
         cuda = torch.device(device).type == "cuda"
+        # CPU float results depend on torch's intra-op thread count: by default a CPU task uses
+        # the driver's, so a Ray run stores bit-identical results to a local run, and reserves
+        # as many CPUs as it runs threads (no oversubscription)
+        if threads is None:
+            threads = int(num_cpus) if num_cpus else (1 if cuda else torch.get_num_threads())
+        self.threads = max(1, int(threads))
+        self.num_cpus = float(num_cpus if num_cpus is not None else
+                              (1 if cuda else self.threads))
         self.num_gpus = float(num_gpus if num_gpus is not None else (1 if cuda else 0))
         if cuda and self.num_gpus <= 0:
             raise ExecutorError("executor option num_gpus must be > 0 when the device is cuda "
                                 "(e.g. 0.25 to run four tasks per GPU)")
-        # CPU float results depend on torch's intra-op thread count: by default a CPU task uses
-        # the driver's, so a Ray run stores bit-identical results to a local run
-        self.threads = int(threads or (max(1, int(self.num_cpus)) if cuda
-                                       else torch.get_num_threads()))
         self.defense_transfer = defense_transfer
         self.max_in_flight = max_in_flight
         self._owns = False
@@ -393,6 +397,10 @@ class RayExecutor(Executor):
         self._left: dict[int, int] = {}
         self._mutated: dict[int, bool] = {}
         self._bar = None
+        self._submitted: dict[Any, float] = {}
+        #: per finished task: seconds from submission to the result in the driver, and the
+        #: worker's compute time (their difference is the executor's overhead per task)
+        self.task_times: list[dict[str, float]] = []
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -411,6 +419,16 @@ class RayExecutor(Executor):
                                     f"({exc}); start it (ray start --head) or drop --address to "
                                     "run a local one") from None
             self._owns = True
+        # a task asking for more CPUs or GPUs than any node has would wait forever
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        most_cpus = max((n.get("CPU", 0) for n in nodes), default=0)
+        if most_cpus and self.num_cpus > most_cpus:
+            self.log(f"ray: tasks ask for {self.num_cpus:g} CPUs but the largest node has "
+                     f"{most_cpus:g}; asking for {most_cpus:g}")
+            self.num_cpus = float(most_cpus)
+        if self.num_gpus and not any(n.get("GPU", 0) >= min(self.num_gpus, 1) for n in nodes):
+            raise ExecutorError(f"the Ray cluster has no node with {self.num_gpus:g} GPU(s) for "
+                                "the cuda device; add GPU nodes, lower num_gpus or use --device cpu")
         self._remote = ray.remote(_ray_batch)
 
     def close(self) -> None:
@@ -431,6 +449,7 @@ class RayExecutor(Executor):
                 pass
         self._pending.clear()
         self._queued.clear()
+        self._submitted.clear()
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
@@ -494,6 +513,7 @@ class RayExecutor(Executor):
             ref = self._remote.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
                 handle, job.attack, x, y, cl, job.eps, job.seed + b, job.draws, b, idx)
             self._pending[ref] = (job, b, idx)
+            self._submitted[ref] = time.perf_counter()
 
     def _collect(self, timeout: float | None) -> None:
         """Store every finished batch (waiting up to ``timeout`` s for the first one)."""
@@ -511,6 +531,8 @@ class RayExecutor(Executor):
             except BaseException:
                 self.drain_quietly()
                 raise
+            self.task_times.append({"latency": time.perf_counter() - self._submitted.pop(ref),
+                                    "compute": out.wall_time})
             job.on_batch(out)
             if self._bar is not None:
                 self._bar.update(1)
@@ -577,8 +599,8 @@ def _ray_batch(handle: dict, attack, x, y, clean_parts, eps, seed, draws, b, idx
 
     os.environ.update(handle["env"])
     torch.set_num_threads(handle["threads"])
+    defense, view = _worker_defense(handle)  # once per worker (cached)
     t0 = time.perf_counter()
-    defense, view = _worker_defense(handle)
     device = _worker_device(handle["device"])
     x, y = x.to(device), y.to(device)
     cl = Scored(*(t.to(device) for t in clean_parts))

@@ -1,0 +1,74 @@
+"""Attack throughput: forward+backward passes per second inside a PGD cell vs a raw
+forward+backward loop of the same model at the same batch size.
+
+    python benchmarks/attack_throughput.py [--rounds 5] [--steps 10] [--n 100]
+
+The PGD cell is :func:`bench.runner.attack_batch` with the registered ``pgd`` attack (torchattacks
+PGD under the harness's pass-counting tracer, then the epsilon check and the fp32 re-scoring);
+its rate is (batch-level backward passes the tracer counted) / (the cell's wall time), so the
+harness's extra forwards (PGD's success check, re-scoring) count AGAINST it. The raw loop does
+``steps`` x (forward, cross-entropy, ``torch.autograd.grad`` w.r.t. the input) and nothing else.
+
+Target: cell rate / raw rate >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from _common import fmt_ratio, interleaved, ratio_stats, write_result
+
+import torch
+import torch.nn.functional as F
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--n", type=int, default=100)
+    args = ap.parse_args()
+
+    from harness_overhead import setup
+
+    from bench.config import ComponentSpec
+    from bench.runner import attack_batch, create_attack, score
+
+    data, defense, _, _, what = setup(args.n)
+    x, y = data.images, data.labels
+    eps = 8 / 255
+    clean = score(defense, x, y, draws=5, seed=0)
+    attack = create_attack(ComponentSpec("pgd", {"steps": args.steps}), "linf", seed=0)
+    passes = {}
+
+    def cell():
+        _, _, rec = attack_batch(defense, attack, x, y, eps, clean=clean, seed=0, draws=5)
+        passes["cell_backward"] = rec["backward_passes"] / len(y)
+        passes["cell_forward"] = rec["forward_passes"] / len(y)
+
+    def raw():
+        xa = x.clone()
+        for _ in range(args.steps):
+            xa.requires_grad_(True)
+            loss = F.cross_entropy(defense(xa), y)
+            (g,) = torch.autograd.grad(loss, xa)
+            xa = xa.detach()
+        return g
+
+    print(f"{what}: batch {len(y)}, PGD-{args.steps}, torch threads {torch.get_num_threads()}")
+    times = interleaved({"pgd_cell": cell, "raw_loop": raw}, args.rounds)
+    cell_rate = [passes["cell_backward"] / t for t in times["pgd_cell"]]
+    raw_rate = [args.steps / t for t in times["raw_loop"]]
+    st = ratio_stats(cell_rate, raw_rate)
+    print(f"passes per batch in the cell: {passes['cell_forward']:.0f} forward, "
+          f"{passes['cell_backward']:.0f} backward (raw loop: {args.steps} + {args.steps})")
+    print(f"median rates: cell {sorted(cell_rate)[len(cell_rate) // 2]:.3f}, raw "
+          f"{sorted(raw_rate)[len(raw_rate) // 2]:.3f} forward+backward passes/s (batch {len(y)})")
+    print(fmt_ratio("cell rate / raw rate", st, ">= 0.9"))
+    path = write_result("attack_throughput", {"setup": what, "steps": args.steps, "times": times,
+                                              "passes": passes, "cell/raw": st})
+    print(f"figures written to {path}")
+
+
+if __name__ == "__main__":
+    main()
