@@ -92,7 +92,12 @@ def load_artifact(defense: Any, path: Path, expected: dict[str, str] | None = No
                     f"(`robustmatrix fit {expected.get('defense')} --dataset "
                     f"{expected.get('dataset')}`) instead of reusing it")
     state = load_file(str(path), device=str(device))
-    defense.load_state_dict(state, strict=True)
+    try:
+        defense.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # missing/unexpected keys or shapes: another model's tensors
+        first = " ".join(s.strip() for s in str(exc).strip().splitlines()[:2])[:300]
+        raise ArtifactError(f"artifact {path} does not fit this defense ({first}); delete it "
+                            "and run `robustmatrix fit` again") from None
     defense.fitted = True
     return meta
 
