@@ -49,6 +49,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from defenses.base import DefenseNotFittedError
 
     errs.append(DefenseNotFittedError)
+    from bench.sandbox import SandboxError  # submitted code that crashed, hung or ran out of memory
+
+    errs.append(SandboxError)
     return tuple(errs)
 
 
