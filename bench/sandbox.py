@@ -185,7 +185,8 @@ def _apply_limits(limits: dict[str, Any]) -> None:
             setlim(resource.RLIMIT_AS, _vm_size() + mem)
     if limits.get("cpu_time_limit"):
         used = resource.getrusage(resource.RUSAGE_SELF)
-        setlim(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime + limits["cpu_time_limit"]) + 1)
+        spent = used.ru_utime + used.ru_stime
+        setlim(resource.RLIMIT_CPU, int(spent + limits["cpu_time_limit"]) + 1)
     if limits.get("file_size_limit"):
         setlim(resource.RLIMIT_FSIZE, int(limits["file_size_limit"]))
 
@@ -479,14 +480,16 @@ def _classify(res: SandboxResult, header: dict[str, Any] | None, payload: bytes,
             except Exception as exc:  # noqa: BLE001 - the security boundary: refuse, never run
                 res.status = "bad_result"
                 res.error_type = type(exc).__name__
-                res.message = (f"{what}: its result was refused: not plain tensors and containers "
-                               f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})")
+                why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+                res.message = (f"{what}: its result was refused: not plain tensors and "
+                               f"containers ({why})")
             else:
                 res.message = f"{what}: finished in {res.wall_time:.1f} s"
         elif res.status == "memory":
+            detail = f"{res.error_type}: {msg}" if msg else res.error_type
             res.message = (f"{what}: ran out of memory (limit {_fmt_bytes(lim.get('memory_limit'))}"
-                           f" above its start): {res.error_type}{': ' + msg if msg else ''}; use less memory (smaller "
-                           "batches) or raise the memory limit")
+                           f" above its start): {detail}; use less memory (smaller batches) or "
+                           "raise the memory limit")
         elif res.status == "bad_result":
             res.message = f"{what}: {msg}; return plain tensors and containers"
         else:

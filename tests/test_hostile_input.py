@@ -75,7 +75,8 @@ SCALARS = st.one_of(st.none(), st.booleans(), NUMBERS, st.text(max_size=12),
 VALUES = st.recursive(
     SCALARS,
     lambda inner: st.one_of(
-        st.lists(inner, max_size=4), st.tuples(inner, inner), st.frozensets(st.integers(), max_size=3),
+        st.lists(inner, max_size=4), st.tuples(inner, inner),
+        st.frozensets(st.integers(), max_size=3),
         st.dictionaries(st.one_of(st.sampled_from(["name", "n", "options", "label", "root",
                                                    "source", "resolution", "threat", "steps"]),
                                   st.text(max_size=6), st.integers(), st.none(), st.booleans()),
@@ -450,7 +451,8 @@ def test_hostile_image_files_error_or_counted_skip(tmp_path, kind):
     from bench.data import DataError, load_split
 
     split = make_tree(tmp_path / "data")
-    content = {"truncated": _truncated_png, "bomb": png_bomb}.get(kind, lambda: HOSTILE_IMAGES[kind])()
+    make = {"truncated": _truncated_png, "bomb": png_bomb}.get(kind, lambda: HOSTILE_IMAGES[kind])
+    content = make()
     (split / "frog" / "0001.png").write_bytes(content)
     COUNTS["files"] += 1
     kw = dict(root=tmp_path / "data", cache_dir=tmp_path / "cache")

@@ -72,6 +72,11 @@ def hoards_tensors():
         hoard.append(torch.ones(32 << 20, dtype=torch.uint8))
 
 
+def spins():
+    while True:
+        pass
+
+
 def huge_tensor():
     return torch.empty(1 << 42, dtype=torch.uint8)
 
@@ -251,6 +256,13 @@ def test_unbounded_allocation_hits_the_memory_limit(hostile, name):
     assert "ran out of memory (limit 256 MiB" in msg and "raise the memory limit" in msg
 
 
+def test_the_cpu_time_limit(hostile, tmp_path):
+    res = run(hostile, "spins", cpu_time_limit=1, timeout=60)
+    assert res.status == "crash" and res.signal == "SIGXCPU", res.message
+    assert "CPU-time limit" in one_line(res)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_an_arbitrary_object_is_not_unpickled_here(hostile, tmp_path):
     marker = tmp_path / "pwned"
     res = run(hostile, "returns_object", str(marker))
