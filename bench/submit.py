@@ -31,20 +31,31 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench.registry import DEFENSES, RegistryError
 
-#: attack suites: what ``--suite`` runs against every submission (before adaptive forms)
-SUITES: dict[str, list[dict[str, Any]]] = {
+#: attack suites: what ``--suite`` runs against every submission. The runner adds the adaptive
+#: forms the defense's declared structure calls for (BPDA, EOT, detector-aware, transfer, Square,
+#: AutoAttack ``rand``; ``attacks/adaptive.py``) with the suite's ``adaptive`` options, and runs
+#: the suite's optional reliability ``checks`` (``bench/flags.py``).
+SUITES: dict[str, dict[str, Any]] = {
     # seconds on test_tiny; for the test-suite and trying the command out
-    "test": [{"name": "test_pgd"}],
+    "test": {"attacks": [{"name": "test_pgd"}],
+             "adaptive": {"square_queries": 50, "eot_draws": 2}, "checks": {}},
     # minutes on a CPU at n=100..500: PGD-20 and AutoAttack's CPU configuration
-    "quick": [{"name": "pgd", "steps": 20, "label": "pgd20"}, {"name": "autoattack_cheap"}],
-    # the reference evaluation (a GPU): PGD-50 and standard AutoAttack (includes Square)
-    "standard": [{"name": "pgd", "steps": 50, "label": "pgd50"}, {"name": "autoattack"}],
+    "quick": {"attacks": [{"name": "pgd", "steps": 20, "label": "pgd20"},
+                          {"name": "autoattack_cheap"}],
+              "adaptive": {"square_queries": 1000},
+              "checks": {"convergence_subset": 16, "large_eps_subset": 16}},
+    # the reference evaluation (a GPU): PGD-50 and standard AutoAttack (APGD, FAB, Square)
+    "standard": {"attacks": [{"name": "pgd", "steps": 50, "label": "pgd50"},
+                             {"name": "autoattack"}],
+                 "adaptive": {"square_queries": 5000, "eot_draws": 20},
+                 "checks": {"convergence_subset": 64, "large_eps_subset": 64}},
 }
 SUBMISSION_ATTR = "__robustmatrix_submission__"
 
@@ -116,7 +127,7 @@ def _import_file(path: Path) -> Any:
     sys.modules[modname] = module
     try:
         spec.loader.exec_module(module)
-    except Exception as exc:  # noqa: BLE001 - report any import failure in one line
+    except Exception as exc:
         del sys.modules[modname]
         raise SubmitError(f"importing {path} failed with {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0] if str(exc) else ''}; run "
@@ -247,35 +258,13 @@ def register_submission(obj: Any, source: dict[str, Any], label: str) -> str:
 
 
 # 3. the generated configuration --------------------------------------------------------------
-def suite_attacks(suite: str, structure: Any) -> list[dict[str, Any]]:
-    """The suite's attacks, adapted to the declared structure where the suite itself has a
-    variant (AutoAttack's ``rand`` version, with EOT, for a randomised defense)."""
+def suite_attacks(suite: str) -> list[dict[str, Any]]:
+    """The suite's base attacks (the adaptive forms are added by the runner)."""
     if suite not in SUITES:
         close = difflib.get_close_matches(suite, list(SUITES), n=1)
         raise SubmitError(f"unknown suite '{suite}'" + (f"; did you mean '{close[0]}'?" if close
                                                           else f"; use one of {list(SUITES)}"))
-    out = [dict(a) for a in SUITES[suite]]
-    if getattr(structure, "random", False):
-        for a in out:
-            if a["name"] == "autoattack":
-                a.update(version="rand", label="autoattack_rand")
-            elif a["name"] == "autoattack_cheap":
-                a.update(name="autoattack", version="cheap", eot_iter=5,
-                         label="autoattack_cheap_eot5")
-    return out
-
-
-def adaptive_attacks(structure: Any, threats: list[str]) -> list[dict[str, Any]]:
-    """Adaptive forms the structure calls for, when ``attacks.adaptive`` offers a chooser
-    (``adaptive_specs(structure, threats)``) and the runner does not add them itself."""
-    try:
-        from attacks import adaptive
-    except ImportError:
-        return []
-    chooser = getattr(adaptive, "adaptive_specs", None)
-    if chooser is None or getattr(adaptive, "RUNNER_ADDS_ADAPTIVE", True):
-        return []  # the runner expands adaptive cells from the structure (bench/runner.py)
-    return [dict(s) for s in chooser(structure, threats)]
+    return [dict(a) for a in SUITES[suite]["attacks"]]
 
 
 def submission_config(registry_name: str, label: str, opts: SubmitOptions, attacks: list[dict],
@@ -289,7 +278,9 @@ def submission_config(registry_name: str, label: str, opts: SubmitOptions, attac
             "attacks": attacks, "threat_models": {t: list(e) for t, e in opts.threats.items()},
             "seed": opts.seed, "device": opts.device, "batch_size": opts.batch_size,
             "random_draws": opts.random_draws, "fit_preset": opts.fit_preset,
-            "schedule": opts.schedule, "run_dir": str(run_dir)}
+            "schedule": opts.schedule, "run_dir": str(run_dir),
+            "adaptive": dict(SUITES[opts.suite]["adaptive"]),
+            "checks": dict(SUITES[opts.suite]["checks"])}
 
 
 # 4. the whole submission ---------------------------------------------------------------------
@@ -382,12 +373,12 @@ def submit(spec: str, meta: Metadata, opts: SubmitOptions, *,
     refusal = report.refusal(forced=opts.force)
     if refusal:
         raise ValidationError(refusal, report)
-    structure = defense.structure
     attacks = ([a if isinstance(a, dict) else {"name": a} for a in opts.attacks] if opts.attacks
-               else suite_attacks(opts.suite, structure))
-    attacks += adaptive_attacks(structure, list(opts.threats))
+               else suite_attacks(opts.suite))
     raw = submission_config(registry_name, label, opts, attacks, run_dir)
     cfg = config_from_dict(raw, source="submission")
+    defense_config = json.loads(json.dumps(defense.config() if hasattr(defense, "config")
+                                           else {}, default=str))
     del defense  # the runner builds its own (from the cached artifact)
 
     runner = MatrixRunner(cfg, progress=opts.progress, log=log, run_dir=run_dir)
@@ -400,27 +391,34 @@ def submit(spec: str, meta: Metadata, opts: SubmitOptions, *,
     fingerprint = _runner_fingerprint(runner.store, registry_name)
     cells = _matching_cells(runner.store, cfg, registry_name, fingerprint, data.fingerprint)
 
-    source["snapshot"] = snapshot(Path(source["path"]) if source.get("path") else None,
-                                  run_dir / "source")
-    artifact = snapshot(Path(info["artifact"]) if info.get("artifact") else None,
-                        run_dir / "artifacts")
+    source["snapshot"] = _rel(snapshot(Path(source["path"]) if source.get("path") else None,
+                                       run_dir / "source"), run_dir)
+    artifact = _rel(snapshot(Path(info["artifact"]) if info.get("artifact") else None,
+                             run_dir / "artifacts"), run_dir)
     figures = [snapshot(Path(f), entries_dir / "figures") for f in opts.figures]
     metadata = {"name": label, "label": label, "registry_name": registry_name,
                 "authors": meta.authors, "paper": meta.paper, "architecture": meta.architecture,
                 "extra_data": bool(meta.extra_data), "notes": meta.notes, "source": source,
-                "options": dict(opts.options), "artifact_snapshot": artifact}
+                "options": dict(opts.options), "artifact_snapshot": artifact,
+                "config": defense_config}
     wall = time.perf_counter() - t0
     entries = build_entries(
         runner.store, cells, metadata=metadata, run_dir=run_dir, sample_ids=data.sample_ids,
         extra_flags=report.flags(forced=opts.force), validation=report.as_dict(),
         cost_extra={"total_wall_time": wall, "fit_seconds": info.get("fit_seconds", 0.0)},
-        config=cfg.to_dict())
+        config=cfg.to_dict(), configured=[a.label for a in cfg.attacks])
     paths = []
     for e in entries:
         e["figures"] = [{"title": Path(f).stem, "path": str(Path(f).resolve())}
                         for f in figures if f]
         paths.append(write_entry(e, entries_dir))
     return SubmitResult(paths, run_dir, registry_name, report, wall)
+
+
+def _rel(path: str | None, run_dir: Path) -> str | None:
+    """Snapshots are recorded relative to the run directory, so a run folder (with its entries)
+    can be moved or archived and still be verified."""
+    return None if path is None else str(Path(path).resolve().relative_to(run_dir.resolve()))
 
 
 def _runner_fingerprint(store, registry_name: str) -> str:
@@ -460,12 +458,13 @@ def register_from_entry(entry: dict[str, Any], *, use_snapshot: bool = False) ->
     if src["kind"] == "registry":
         return src["name"], notes
     path = Path(src.get("path") or "")
+    snap = resolve_run_dir(entry) / src["snapshot"] if src.get("snapshot") else None
     if use_snapshot or not path.is_file():
-        if not src.get("snapshot") or not Path(src["snapshot"]).is_file():
+        if snap is None or not snap.is_file():
             raise EntryError(f"the source of {entry['entry_id']!r} ({path}) and its snapshot "
                              "are both gone; restore the file")
         notes["used_snapshot"] = True
-        path = Path(src["snapshot"])
+        path = snap
     sha = _file_sha256(path)
     notes["source_changed"] = sha != src.get("sha256")
     notes["source_sha256"] = sha
@@ -493,11 +492,12 @@ def build_entry_defense(entry: dict[str, Any], *, device: str = "cpu", log=print
     ds_opts = prov.get("dataset_options") or {}
     preset = prov.get("fit_preset") or "quick"
     art = entry["defense"].get("artifact_snapshot")
+    art = resolve_run_dir(entry) / art if art else None
     defense = construct_defense(name, options, dataset=entry["dataset"], dataset_options=ds_opts,
                                 device=device, preset=preset, progress=False)
-    if getattr(defense, "trainable", False) and art and Path(art).is_file():
+    if getattr(defense, "trainable", False) and art is not None and art.is_file():
         defense.to(device)
-        load_artifact(defense, Path(art), None, device=device)
+        load_artifact(defense, art, None, device=device)
         defense.eval()
     else:
         defense, _ = prepare_defense(name, options, dataset=entry["dataset"],
@@ -507,7 +507,23 @@ def build_entry_defense(entry: dict[str, Any], *, device: str = "cpu", log=print
 
 
 # the epsilon sweep ---------------------------------------------------------------------------
-def run_sweep(entry_path: str | Path, eps_values: list[float], *, attack: str | dict = "pgd",
+#: the default sweep attack: PGD through the view the defense's structure calls for (BPDA for a
+#: non-differentiable preprocessor, EOT for a random defense, plain PGD otherwise)
+SWEEP_ATTACK = {"name": "adaptive", "inner": "pgd", "inner_options": {"steps": 20}}
+
+
+def sweep_attack_for(base: dict[str, Any] | str) -> dict[str, Any]:
+    """``base`` (a PGD-like suite attack) wrapped in the structure-chosen adaptive view."""
+    b = {"name": base} if isinstance(base, str) else dict(base)
+    if b["name"] not in ("pgd", "test_pgd"):
+        return {k: v for k, v in b.items()}
+    opts = {k: v for k, v in b.items() if k not in ("name", "label")}
+    return {"name": "adaptive", "inner": b["name"], "inner_options": opts,
+            "label": f"adaptive {b.get('label', b['name'])}"}
+
+
+def run_sweep(entry_path: str | Path, eps_values: list[float], *,
+              attack: str | dict[str, Any] = SWEEP_ATTACK,
               device: str | None = None, progress: bool = False,
               log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run ONE attack configuration over ``eps_values`` through the MatrixRunner (in the
@@ -527,7 +543,8 @@ def run_sweep(entry_path: str | Path, eps_values: list[float], *, attack: str | 
     prov = entry["provenance"]
     cfg0 = prov.get("config") or {}
     a = dict(attack) if isinstance(attack, dict) else {"name": attack}
-    a.setdefault("label", f"sweep_{a['name']}")
+    a.setdefault("label", a["name"] if a["name"] != "adaptive" else
+                 f"adaptive {a.get('inner', 'pgd')}")
     ds = {"name": entry["dataset"], "n": entry["n"], **(prov.get("dataset_options") or {})}
     raw = {"name": "sweep", "datasets": [ds],
            "defenses": [{"name": name, "label": entry["defense"]["label"],
@@ -536,26 +553,36 @@ def run_sweep(entry_path: str | Path, eps_values: list[float], *, attack: str | 
            "seed": prov.get("seed", 0), "device": device or cfg0.get("device", "auto"),
            "batch_size": prov.get("batch_size") or 100,
            "random_draws": prov.get("random_draws") or 5,
-           "fit_preset": prov.get("fit_preset") or "quick", "run_dir": str(run_dir)}
+           "fit_preset": prov.get("fit_preset") or "quick", "run_dir": str(run_dir),
+           "adaptive": False}  # one attack configuration: choose an adaptive one explicitly
     cfg = config_from_dict(raw, source="sweep")
     runner = MatrixRunner(cfg, progress=progress, log=log, run_dir=run_dir)
     runner.run()
     fingerprint = _runner_fingerprint(runner.store, name)
+    spec = cfg.attacks[0]
+    wanted = {round(float(e), 8) for e in cfg.threat_models[entry["threat"]]}
     keys = [c.key for c in runner.store.cells("done")
             if c.spec.get("defense") == name and c.spec.get("defense_sha256") == fingerprint
             and c.spec.get("seed") == cfg.seed and c.spec.get("data") == prov.get(
                 "data_fingerprint") and (c.attack == "clean" or (
-                    c.attack == a["label"] and c.threat == entry["threat"]))]
+                    c.spec.get("attack") == spec.name and c.spec.get("attack_options") ==
+                    spec.options and c.threat == entry["threat"]
+                    and round(float(c.eps), 8) in wanted))]
     recs = build_records(CellSubset(runner.store, keys))
-    wanted = {round(float(e), 8) for e in cfg.threat_models[entry["threat"]]}
-    points = sorted(({"eps": r["eps"], "clean": r["clean"], "robust": r["attacks"][a["label"]],
-                      "worst_case": r["worst_case"]} for r in recs
-                     if round(r["eps"], 8) in wanted), key=lambda p: p["eps"])
+    points = sorted(({"eps": r["eps"], "clean": r["clean"],
+                      "robust": next(iter(r["attacks"].values())),
+                      "worst_case": r["worst_case"]} for r in recs), key=lambda p: p["eps"])
     flags = sweep_flags(points, entry["threat"], dataset_info(entry["dataset"]).num_classes,
                         a["label"])
     entry["sweep"] = {"attack": a["label"], "attack_spec": a, "threat": entry["threat"],
                       "points": points}
-    entry["flags"] = [f for f in entry["flags"] if f.get("source") != "sweep"] + flags
+    own = [prov["clean_cell_key"]] + [v["cell_key"] for v in entry["attacks"].values()]
+    cell_flags = [r["flags"] for r in build_records(CellSubset(runner.store, own))
+                  if r["threat"] == entry["threat"] and abs(r["eps"] - entry["eps"]) < 1e-9]
+    entry["flags"] = ([f for f in entry["flags"] if f.get("source") == "validation"]
+                      + (cell_flags[0] if cell_flags else [f for f in entry["flags"]
+                                                            if f.get("source") is None])
+                      + flags)  # cell flags refreshed: the run may have added matrix-level ones
     write_entry(entry, Path(entry_path).parent)
     return entry["sweep"]
 
@@ -685,9 +712,10 @@ def add_parsers(sub: Any) -> None:
                        "attack configuration, run through the matrix runner)")
     w.add_argument("entry", help="entry JSON file")
     w.add_argument("--eps", required=True, help="comma-separated, e.g. 0,2/255,4/255,8/255,16/255")
-    w.add_argument("--attack", default="pgd", help="attack name [pgd]")
+    w.add_argument("--attack", default="adaptive", help="attack name [adaptive: PGD-20 through "
+                   "BPDA / EOT as the defense's structure calls for]")
     w.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="attack option (repeatable), e.g. steps=20")
+                   help="attack option (repeatable), e.g. inner=pgd, inner_options={steps: 50}")
     w.add_argument("--device")
     w.add_argument("--no-progress", action="store_true")
 
@@ -763,10 +791,9 @@ def cmd_submit(args: Any) -> int:
     except ValidationError as exc:
         raise SubmitError(str(exc)) from None
     if sweep:
-        first = (opts.attacks or [None])[0] or SUITES[opts.suite][0]
+        first = (opts.attacks or [None])[0] or SUITES[opts.suite]["attacks"][0]
         for p in result.entries:
-            run_sweep(p, sweep, attack=first if isinstance(first, dict) else {"name": first},
-                      progress=opts.progress, log=log)
+            run_sweep(p, sweep, attack=sweep_attack_for(first), progress=opts.progress, log=log)
     print(describe(result))
     log(f"submitted in {result.wall_time:.1f} s; verify with `robustmatrix verify "
         f"{result.entries[0] if result.entries else '<entry>'}`")
@@ -775,6 +802,8 @@ def cmd_submit(args: Any) -> int:
 
 def cmd_sweep(args: Any) -> int:
     a = {"name": args.attack, **_kv(args.option)}
+    if args.attack == "adaptive" and not args.option:
+        a = dict(SWEEP_ATTACK)
     sw = run_sweep(args.entry, parse_eps_list(args.eps), attack=a, device=args.device,
                    progress=not args.no_progress, log=_log)
     for p in sw["points"]:

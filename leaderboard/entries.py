@@ -37,8 +37,9 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
@@ -93,11 +94,13 @@ def _sha256_json(obj: Any) -> str:
 def build_entries(store: Any, cells: list, *, metadata: dict[str, Any], run_dir: Path,
                   sample_ids: list[str], extra_flags: list[dict] | None = None,
                   validation: dict | None = None, cost_extra: dict | None = None,
-                  config: dict | None = None) -> list[dict[str, Any]]:
+                  config: dict | None = None,
+                  configured: list[str] | None = None) -> list[dict[str, Any]]:
     """Entries for the given finished cells of ONE defense (a clean cell plus attack cells).
 
-    ``metadata`` is the ``defense`` block (name, authors, paper, ...). Returns one entry per
-    (dataset, threat, eps) present among the attack cells.
+    ``metadata`` is the ``defense`` block (name, authors, paper, ...); ``configured`` the labels
+    of the configured attacks (the others were added by the runner: marked ``adaptive``).
+    Returns one entry per (dataset, threat, eps) present among the attack cells.
     """
     by_key = {c.key: c for c in cells}
     clean = [c for c in cells if c.attack == "clean"]
@@ -122,7 +125,7 @@ def build_entries(store: Any, cells: list, *, metadata: dict[str, Any], run_dir:
                               "adv_sha256": c.adv_sha256, "wall_time": c.wall_time,
                               "forward_passes": c.forward_passes,
                               "backward_passes": c.backward_passes,
-                              "adaptive": bool(c.spec.get("adaptive") or c.spec.get("adaptive_for")),
+                              "adaptive": configured is not None and label not in configured,
                               "batches": [{"batch": b["batch"], "path": b["adv_path"],
                                            "sha256": b["adv_sha256"]}
                                           for b in store.batches(c.key)]}
@@ -307,3 +310,76 @@ def consistent_accuracy(acc: dict[str, Any], tol: float = 1e-9) -> bool:
     lo, hi = wilson_interval(k, n)
     return (abs(acc["accuracy"] - k / n) <= tol and abs(acc.get("ci_low", lo) - lo) <= tol
             and abs(acc.get("ci_high", hi) - hi) <= tol)
+
+
+# deterministic sample entries (tests, template previews) -------------------------------------
+def sample_entries() -> list[dict[str, Any]]:
+    """Four made-up but well-formed entries (three defenses on one board, one on another) with
+    flags, a sweep and full provenance fields: the golden-file tests and the HTML test render
+    these, and they preview the templates without running anything."""
+    from leaderboard.table import Accuracy
+
+    def acc(k: int, n: int = 50, **extra: Any) -> dict[str, Any]:
+        return {**Accuracy(k, n).as_dict(), **extra}
+
+    def flag(code: str, title: str, seen: str, try_: str, **extra: Any) -> dict[str, Any]:
+        return {"code": code, "title": title, "seen": seen, "try": try_, **extra}
+
+    def entry(label: str, threat: str, eps: float, clean: int, attacks: dict[str, int],
+              flags: list, *, arch: str, extra_data: bool = False, paper: str = "",
+              authors: str = "", sweep: list[tuple[float, int]] | None = None) -> dict[str, Any]:
+        worst = min(attacks.values()) - (1 if len(attacks) > 1 and min(attacks.values()) > 0 else 0)
+        e: dict[str, Any] = {
+            "schema": SCHEMA, "entry_id": f"{label}/test_tiny/{threat}/{eps:.6g}",
+            "defense": {"name": label, "label": label, "registry_name": slug(label),
+                        "authors": authors, "paper": paper, "architecture": arch,
+                        "extra_data": extra_data, "notes": "",
+                        "source": {"kind": "file", "spec": f"{slug(label)}.py:Defense",
+                                   "class": "Defense", "sha256": "ab" * 32},
+                        "structure": {"has_preprocessor": label.startswith("Bit"),
+                                      "preprocessor_differentiable": False, "random": False,
+                                      "has_detector": False, "trainable": True}},
+            "dataset": "test_tiny", "threat": threat, "eps": eps, "n": 50,
+            "clean": acc(clean),
+            "attacks": {a: acc(k, complete=True, n_attacked=50, attack=a, options={},
+                               cell_key=f"{slug(label)}-{slug(a)}", adv_sha256="cd" * 32,
+                               forward_passes=500, backward_passes=400, adaptive=a.startswith("bpda"),
+                               batches=[{"batch": 0, "path": "adv/x/00000.safetensors",
+                                         "sha256": "ef" * 32}])
+                        for a, k in attacks.items()},
+            "worst_case": acc(worst), "flags": flags, "validation": {"passed": True, "findings": []},
+            "cost": {"forward_passes": 500 * len(attacks), "backward_passes": 400 * len(attacks),
+                     "attack_wall_time": 3.5, "total_wall_time": 12.25, "fit_seconds": 4.0},
+            "provenance": {"code_version": "v0.1.0-test", "packages": {"torch": "2.x"},
+                           "device": "cpu", "date": "2026-01-01T00:00:00Z",
+                           "config_hash": "12" * 32, "checkpoint_sha256": "34" * 32,
+                           "sample_ids_sha256": "56" * 32, "seed": 0, "batch_size": 50,
+                           "random_draws": 5, "data_fingerprint": "78" * 32,
+                           "sample_ids": [f"test_tiny/test/{i % 10}/{i:04d}" for i in range(50)],
+                           "run_dir": "runs/example", "clean_cell_key": f"{slug(label)}-clean"},
+        }
+        if sweep:
+            e["sweep"] = {"attack": "pgd", "threat": threat, "points": [
+                {"eps": x, "clean": acc(clean), "robust": acc(k), "worst_case": acc(k)}
+                for x, k in sweep]}
+        e["provenance"]["entry_sha256"] = entry_digest(e)
+        return e
+
+    grad = flag("zero_gradients", "Zero, NaN or missing input gradients",
+                "16/16 samples have zero or NaN input gradients", "use BPDA or a black-box attack",
+                attacks=["pgd"])
+    silent = flag("silent_success", "Attack did not return its best iterate",
+                  "3 samples had an adversarial intermediate iterate", "return the best iterate",
+                  attacks=["pgd"])
+    e8 = 8 / 255
+    return [
+        entry("Bit-depth CNN", "linf", e8, 46, {"pgd": 44, "bpda+pgd": 12}, [grad],
+              arch="SmallCNN", authors="A. User", paper="https://example.org/bitdepth",
+              sweep=[(0.0, 46), (2 / 255, 35), (4 / 255, 24), (8 / 255, 11), (16 / 255, 2)]),
+        entry("Adv. trained CNN", "linf", e8, 40, {"pgd": 24, "bpda+pgd": 24}, [],
+              arch="SmallCNN", extra_data=True, authors="B. Author & C. Author",
+              sweep=[(0.0, 40), (2 / 255, 35), (4 / 255, 30), (8 / 255, 23), (16 / 255, 12)]),
+        entry("Undefended_100%", "linf", e8, 49, {"pgd": 1, "bpda+pgd": 1}, [silent],
+              arch="ResNet-20"),
+        entry("Adv. trained CNN", "l2", 0.5, 40, {"pgd": 30}, [], arch="SmallCNN"),
+    ]

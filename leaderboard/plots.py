@@ -1,0 +1,178 @@
+"""Leaderboard figures (matplotlib, Agg backend), each saved as PNG and SVG next to the tables:
+
+* :func:`sweep_figure`: robust accuracy vs epsilon per defense (one attack configuration swept
+  over a grid, from ``entry["sweep"]``; ``robustmatrix sweep`` fills it), with 95% bands;
+* :func:`scatter_figure`: clean vs worst-case robust accuracy, one point per defense, with
+  95% intervals on both axes;
+* :func:`attack_figure`: one defense's accuracy under each attack (and the worst case);
+* the figures a defense provides (e.g. t-SNE panels), listed in ``entry["figures"]``, are copied
+  as they are.
+
+Every figure is written without timestamps, so re-publishing the same entries gives the same
+SVG bytes.
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from leaderboard.entries import eps_slug, group_boards, slug
+
+_SVG_META = {"Date": None, "Creator": "robustmatrix"}
+_PNG_META = {"Software": "robustmatrix"}
+
+
+def _eps_text(threat: str, eps: float) -> str:
+    if threat == "linf" and abs(eps * 255 - round(eps * 255)) < 1e-6:
+        return f"{round(eps * 255)}/255"
+    return f"{eps:.3g}"
+
+
+def _pos(v: float) -> float:
+    """An error-bar half-width (rounding can make it -1e-15 at 0% or 100%)."""
+    return max(0.0, float(v))
+
+
+def save(fig: Any, base: Path) -> dict[str, Path]:
+    """``base.png`` and ``base.svg``; the figure is closed."""
+    base.parent.mkdir(parents=True, exist_ok=True)
+    out = {"png": base.with_suffix(".png"), "svg": base.with_suffix(".svg")}
+    plt.rcParams["svg.hashsalt"] = "robustmatrix"
+    fig.savefig(out["png"], dpi=110, bbox_inches="tight", metadata=_PNG_META)
+    fig.savefig(out["svg"], bbox_inches="tight", metadata=_SVG_META)
+    plt.close(fig)
+    return out
+
+
+def data_uri(path: str | Path) -> str:
+    path = Path(path)
+    mime = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg",
+            ".jpeg": "image/jpeg", ".gif": "image/gif"}.get(path.suffix.lower(),
+                                                           "application/octet-stream")
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def sweep_figure(entries: list[dict[str, Any]], title: str):
+    """Robust accuracy vs epsilon, one line per defense with a sweep; None if none has one."""
+    swept, seen = [], set()
+    for e in entries:  # one curve per (defense, attack), however many boards carry it
+        if e.get("sweep") and e["sweep"].get("points"):
+            key = (e["defense"]["label"], e["sweep"].get("attack"))
+            if key not in seen:
+                seen.add(key)
+                swept.append(e)
+    if not swept:
+        return None
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for e in swept:
+        pts = e["sweep"]["points"]
+        xs = [p["eps"] for p in pts]
+        if e["threat"] == "linf":
+            xs = [x * 255 for x in xs]
+        ys = [100 * p["worst_case"]["accuracy"] for p in pts]
+        lo = [100 * p["worst_case"]["ci_low"] for p in pts]
+        hi = [100 * p["worst_case"]["ci_high"] for p in pts]
+        line, = ax.plot(xs, ys, marker="o", label=f"{e['defense']['label']} ({e['sweep']['attack']})")
+        ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
+        here = e["eps"] * (255 if e["threat"] == "linf" else 1)
+        ax.axvline(here, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("epsilon (x/255)" if swept[0]["threat"] == "linf" else "epsilon (L2)")
+    ax.set_ylabel("robust accuracy (%)")
+    ax.set_ylim(-2, 102)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+    return fig
+
+
+def scatter_figure(entries: list[dict[str, Any]], title: str):
+    """Clean vs worst-case accuracy with 95% intervals on both axes."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.0))
+    for e in entries:
+        c, w = e["clean"], e["worst_case"]
+        x, y = 100 * c["accuracy"], 100 * w["accuracy"]
+        ax.errorbar(x, y, xerr=[[_pos(x - 100 * c["ci_low"])], [_pos(100 * c["ci_high"] - x)]],
+                    yerr=[[_pos(y - 100 * w["ci_low"])], [_pos(100 * w["ci_high"] - y)]], fmt="o",
+                    capsize=3, label=e["defense"]["label"])
+        ax.annotate(e["defense"]["label"], (x, y), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.plot([0, 100], [0, 100], color="grey", lw=0.6, ls="--")
+    ax.set_xlim(-2, 102)
+    ax.set_ylim(-2, 102)
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel("worst-case robust accuracy (%)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def attack_figure(entry: dict[str, Any]):
+    """Accuracy under each attack (bars with 95% intervals), clean and worst case included."""
+    items = [("clean", entry["clean"])] + list(entry["attacks"].items()) + [
+        ("worst case", entry["worst_case"])]
+    fig, ax = plt.subplots(figsize=(max(3.2, 0.9 * len(items) + 1.2), 2.8))
+    xs = range(len(items))
+    vals = [100 * a["accuracy"] for _, a in items]
+    err = [[_pos(v - 100 * a["ci_low"]) for v, (_, a) in zip(vals, items)],
+           [_pos(100 * a["ci_high"] - v) for v, (_, a) in zip(vals, items)]]
+    colors = ["#7f9fbf"] + ["#d9a05b"] * (len(items) - 2) + ["#b5473a"]
+    ax.bar(xs, vals, yerr=err, capsize=3, color=colors)
+    ax.set_xticks(list(xs), [k for k, _ in items], rotation=30, ha="right", fontsize=7)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)", fontsize=8)
+    ax.set_title(f"{entry['defense']['label']}: {entry['dataset']}, {entry['threat']} eps "
+                 f"{_eps_text(entry['threat'], entry['eps'])}", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    return fig
+
+
+def entry_figures(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The defense's own figures (e.g. t-SNE) that still exist: ``[{title, path}]``; relative
+    paths are resolved against the entry file's folder."""
+    out = []
+    base = Path(entry["_path"]).parent if entry.get("_path") else Path(".")
+    for f in entry.get("figures") or []:
+        p = Path(f["path"])
+        p = p if p.is_absolute() else base / p
+        if p.is_file():
+            out.append({"title": f.get("title") or p.stem, "path": p})
+    return out
+
+
+def make_plots(entries: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Any]:
+    """Write every figure under ``out_dir``; returns
+    ``{"boards": {(dataset, threat, eps): {"scatter": {...}}}, "pages": {(dataset, threat):
+    {"sweep": {...}}}, "entries": {entry_id: {"attacks": {...}, "figures": [...]}}}``."""
+    out_dir = Path(out_dir)
+    res: dict[str, Any] = {"boards": {}, "pages": {}, "entries": {}}
+    boards = group_boards(entries)
+    pages: dict[tuple[str, str], list[dict]] = {}
+    for (dataset, threat, eps), es in boards.items():
+        pages.setdefault((dataset, threat), []).extend(es)
+        name = f"{slug(dataset)}__{threat}__{eps_slug(threat, eps)}"
+        fig = scatter_figure(es, f"{dataset}, {threat} eps {_eps_text(threat, eps)}")
+        res["boards"][(dataset, threat, eps)] = {"scatter": save(fig, out_dir / f"{name}__clean_vs_robust")}
+        for e in es:
+            ename = f"{slug(e['defense']['label'])}__{name}"
+            figs = {"attacks": save(attack_figure(e), out_dir / "entries" / f"{ename}__attacks")}
+            copied = []
+            for f in entry_figures(e):
+                dest = out_dir / "entries" / f"{ename}__{slug(f['title'])}{f['path'].suffix}"
+                shutil.copyfile(f["path"], dest)
+                copied.append({"title": f["title"], "path": dest})
+            figs["figures"] = copied
+            res["entries"][e["entry_id"]] = figs
+    for (dataset, threat), es in pages.items():
+        fig = sweep_figure(es, f"{dataset}, {threat}: robust accuracy vs epsilon")
+        if fig is not None:
+            res["pages"][(dataset, threat)] = {
+                "sweep": save(fig, out_dir / f"{slug(dataset)}__{threat}__sweep")}
+    return res
