@@ -8,9 +8,11 @@ section 4; [known] / [reconstruction] below as there.
 Fit (:meth:`SRDDefense.fit`):
 
 1. [known] Latents: the penultimate features (``features(x)``) of every training image under a
-   BASELINE classifier (``baseline``: a zoo spec such as ``"resnet20@quick"`` (cached and
-   shared with the undefended baseline) or a module; None trains ``arch`` on the fit data with
-   the zoo's clean recipe of the same preset name).
+   BASELINE classifier (``baseline``: a zoo spec such as ``"akamaster-resnet20"`` or
+   ``"resnet20@quick"`` (cached and shared with the undefended baseline), or a module; None
+   trains ``arch`` on the fit data with the zoo's clean recipe of the same preset name;
+   "auto", the default, is the pinned clean model of :data:`defenses.spat.AUTO_INIT` for the
+   dataset and arch when there is one (CIFAR-10 ResNet-20), else None).
 2. [known] Per class, PCA then k-means on the latents; each cluster's distribution is the
    per-dimension mean and std of its latents (in the feature space, not the PCA space).
    [reconstruction] k per class by silhouette score over 2..``max_clusters`` (4); k = 1 when
@@ -58,8 +60,8 @@ from bench.registry import DEFENSES
 from defenses.base import Defense, Preprocessor
 from defenses.sparse_coding import (conv_bpdn, conv_reconstruct, learn_conv_dictionary,
                                     sporco_learn_conv_dictionary, tikhonov_split)
-from defenses.spat import (FitStateMixin, build_model, dataset_defaults, default_arch,
-                           images_and_labels, resolve_preset, adversarial_train)
+from defenses.spat import (AUTO_INIT, FitStateMixin, adversarial_train, build_model,
+                           dataset_defaults, default_arch, images_and_labels, resolve_preset)
 
 #: fit presets: the robust model's adversarial training and the dictionaries' sizes
 SRD_PRESETS: dict[str, dict[str, Any]] = {
@@ -280,7 +282,8 @@ class SRDDefense(FitStateMixin, Defense):
     """The SRD purifier in front of its adversarially trained robust model (see module doc).
 
     Knobs (None = the fit preset's, :data:`SRD_PRESETS`): ``arch``, ``baseline`` (spec or module;
-    None trains ``arch`` with the zoo recipe named by the preset), ``eps`` (adversarial training
+    None trains ``arch`` with the zoo recipe named by the preset; "auto": pinned weights where
+    known, else None), ``eps`` (adversarial training
     budget; None: the dataset default), ``latent_weight`` (0.3), ``init_from_baseline``;
     clustering ``max_clusters`` (4), ``pca_dim`` (32), ``silhouette_min`` (0.25),
     ``min_samples_per_class`` (10), ``min_cluster_size`` (2), ``kmeans_init`` (10 k-means
@@ -296,7 +299,7 @@ class SRDDefense(FitStateMixin, Defense):
     trainable = True
 
     def __init__(self, *, dataset: str = "cifar10", arch: str | None = None,
-                 baseline: str | nn.Module | None = None, eps: float | None = None,
+                 baseline: str | nn.Module | None = "auto", eps: float | None = None,
                  device: str = "cpu", progress: bool = False, preset: str | None = None,
                  resolution: int | None = None, latent_weight: float = 0.3,
                  init_from_baseline: bool = True, max_clusters: int = 4, pca_dim: int = 32,
@@ -317,6 +320,8 @@ class SRDDefense(FitStateMixin, Defense):
             raise ValueError(f"dict_learner must be 'torch' or 'sporco', got {dict_learner!r}")
         num_classes, default_eps = dataset_defaults(dataset, resolution)
         arch = arch or default_arch(dataset, preset)
+        if isinstance(baseline, str) and baseline == "auto":
+            baseline = AUTO_INIT.get((dataset, arch))
         robust = build_model(arch, num_classes, seed, device)
         purifier = SRDPurifier(robust, sparsity=sparsity, tikhonov_lambda=tikhonov_lambda,
                                tikhonov_pad=tikhonov_pad,

@@ -182,7 +182,12 @@ def test_presets_and_default_architectures():
     assert default_arch("test_tiny") == "test_tiny_cnn"
     assert AT_PRESETS["quick"]["steps"] in (1, 2) and AT_PRESETS["quick"]["random_start"]
     assert AT_PRESETS["full"]["steps"] == 10
+    assert spat_mod.resolve_init("auto", "cifar10", "resnet20", "quick") == "akamaster-resnet20"
+    assert spat_mod.resolve_init("auto", "cifar10", "resnet20", "full") is None
+    assert spat_mod.resolve_init("auto", "test_tiny", "test_tiny_cnn", "quick") is None
+    assert spat_mod.resolve_init("resnet20@quick", "cifar10", "resnet20", "full") == "resnet20@quick"
     d = create_defense("test_pgd_at")
+    assert d.init is None and d.config()["init"] is None
     s = d.training_settings("full")
     assert s["steps"] == 10 and s["step_size"] == pytest.approx(EPS / 4)
     assert s["epochs"] == 1  # the explicit knob wins over the preset
