@@ -28,6 +28,7 @@ import importlib.util
 import inspect
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -352,6 +353,9 @@ def submit(spec: str, meta: Metadata, opts: SubmitOptions, *,
     from leaderboard.entries import build_entries, write_entry
 
     t0 = time.perf_counter()
+    for f in opts.figures:
+        if not Path(f).is_file():
+            raise SubmitError(f"--figure {f}: no such file; give a PNG or SVG the defense wrote")
     obj, source = load_submission(spec)
     label = meta.name or source.get("class") or source.get("name") or "defense"
     registry_name = register_submission(obj, source, label)
@@ -395,7 +399,8 @@ def submit(spec: str, meta: Metadata, opts: SubmitOptions, *,
                                        run_dir / "source"), run_dir)
     artifact = _rel(snapshot(Path(info["artifact"]) if info.get("artifact") else None,
                              run_dir / "artifacts"), run_dir)
-    figures = [snapshot(Path(f), entries_dir / "figures") for f in opts.figures]
+    figures = [(Path(f).stem, snapshot(Path(f), entries_dir / "figures"))
+               for f in list(opts.figures) or provided_figures(source)]
     metadata = {"name": label, "label": label, "registry_name": registry_name,
                 "authors": meta.authors, "paper": meta.paper, "architecture": meta.architecture,
                 "extra_data": bool(meta.extra_data), "notes": meta.notes, "source": source,
@@ -409,10 +414,23 @@ def submit(spec: str, meta: Metadata, opts: SubmitOptions, *,
         config=cfg.to_dict(), configured=[a.label for a in cfg.attacks])
     paths = []
     for e in entries:
-        e["figures"] = [{"title": Path(f).stem, "path": str(Path(f).resolve())}
-                        for f in figures if f]
+        e["figures"] = [{"title": title, "path": os.path.relpath(
+            Path(f).resolve(), entries_dir.resolve())} for title, f in figures if f]
         paths.append(write_entry(e, entries_dir))
     return SubmitResult(paths, run_dir, registry_name, report, wall)
+
+
+def provided_figures(source: dict[str, Any], fit_root: Path = Path("runs/fit")) -> list[Path]:
+    """The t-SNE figures a registered defense wrote with ``robustmatrix fit NAME --report``
+    (``runs/fit/<name>/*tsne*``; PNG preferred over an SVG of the same figure)."""
+    if source.get("kind") != "registry":
+        return []
+    folder = fit_root / source["name"]
+    found: dict[str, Path] = {}
+    for p in sorted(folder.glob("*tsne*")) if folder.is_dir() else []:
+        if p.suffix.lower() in (".png", ".svg") and (p.stem not in found or p.suffix == ".png"):
+            found[p.stem] = p
+    return list(found.values())
 
 
 def _rel(path: str | None, run_dir: Path) -> str | None:

@@ -7,6 +7,7 @@ suite) is shared by the module; each tamper test works on a copy of its run fold
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 from pathlib import Path
@@ -24,6 +25,10 @@ SUBMIT = ["--dataset", "test_tiny", "--n", "20", "--suite", "test", "--fit-prese
           "--device", "cpu", "--no-progress"]
 
 
+ONE_PIXEL_PNG = ("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQ"
+                 "AAAABJRU5ErkJggg==")
+
+
 def outside_repo(path: Path) -> Path:
     path = path.resolve()
     assert REPO not in path.parents, f"{path} must lie outside the repository"
@@ -35,10 +40,12 @@ def submitted(tmp_path_factory):
     user = outside_repo(tmp_path_factory.mktemp("user_code"))
     src = user / "my_defense.py"
     shutil.copyfile(EXAMPLE, src)
+    tsne = user / "tsne_latent.png"  # a figure the defense's author provides
+    tsne.write_bytes(base64.b64decode(ONE_PIXEL_PNG))
     run_dir = tmp_path_factory.mktemp("submission") / "run"
     code = main(["submit", f"{src}:BitDepthCNN", *SUBMIT, "--name", "Bit-depth CNN",
                  "--authors", "A. User", "--paper", "https://example.org/bitdepth",
-                 "--architecture", "SmallCNN", "--run-dir", str(run_dir)])
+                 "--architecture", "SmallCNN", "--run-dir", str(run_dir), "--figure", str(tsne)])
     assert code == 0
     entries = sorted((run_dir / "entries").glob("*.json"))
     assert len(entries) == 1
@@ -95,6 +102,7 @@ def test_published_in_every_format(submitted, tmp_path, capsys):
               "html/index.html", "html/test_tiny_linf.html"):
         assert "Bit-depth CNN" in (out / f).read_text(), f
     assert list((out / "plots").glob("*.png")) and list((out / "plots").glob("*.svg"))
+    assert "tsne_latent (provided by the defense)" in (out / "html/test_tiny_linf.html").read_text()
 
 
 # verify catches tampering ----------------------------------------------------------------------
