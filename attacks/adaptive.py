@@ -120,6 +120,10 @@ class _View(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        # a new Module starts in training mode; take the model's mode WITHOUT propagating it,
+        # else an attack's eval()/train(previous) round trip would put the defense in training
+        # mode (BatchNorm statistics would then change during the attack)
+        self.training = model.training
 
     def __getattr__(self, name: str):
         try:

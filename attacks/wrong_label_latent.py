@@ -213,7 +213,8 @@ def wrong_label_report(z_clean: Any, z_wrong: Any, labels: Any, wrong_labels: An
     of clean latents nearest their own class's centroid and of wrong-label latents nearest the
     centroid of ``y'`` / of ``y``; mean distances to those centroids; ``mean_shift`` = mean
     ``||z' - z||``. ``probe``: a standardised logistic regression fitted on the clean latents
-    (held-out accuracy on a 30% split as ``clean_accuracy``), then refitted on all clean latents
+    (held-out accuracy on a 30% split as ``clean_accuracy``; None when the cell is too small
+    for one held-out point per class), then refitted on all clean latents
     and applied to the wrong-label ones: ``shifted_accuracy`` (true label) and
     ``predicts_wrong_label``. With ``figure_path`` a joint t-SNE of both sets is written
     (PNG+SVG) and listed in ``figures``.
@@ -253,13 +254,17 @@ def wrong_label_report(z_clean: Any, z_wrong: Any, labels: Any, wrong_labels: An
 
         from defenses.latent_metrics import separation_scores
 
-        sep = separation_scores(z, y, seed=seed)
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(z, y)
         pred = probe.predict(zw)
-        report["probe"] = {"clean_accuracy": sep["linear_probe_accuracy"],
-                           "clean_silhouette": sep["silhouette"],
+        report["probe"] = {"clean_accuracy": None, "clean_silhouette": None,
                            "shifted_accuracy": float((pred == y).mean()),
                            "predicts_wrong_label": float((pred == yw).mean())}
+        # the held-out split needs at least one test point per class (small cells skip it)
+        frac = max(0.3, len(classes) / len(y))
+        if frac <= 0.5:
+            sep = separation_scores(z, y, seed=seed, test_fraction=frac)
+            report["probe"].update(clean_accuracy=sep["linear_probe_accuracy"],
+                                   clean_silhouette=sep["silhouette"])
     if figure_path is not None and len(y) >= 5:
         report["figures"] = [str(p) for p in tsne_clean_vs_wrong(z, zw, y, yw, figure_path,
                                                                 class_names=class_names, seed=seed)]
