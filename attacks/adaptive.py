@@ -637,13 +637,16 @@ def adaptive_plans(defense: Any, plans: list, options: Any = None,
 
     For every (threat, eps) of the group's attacked plans, :func:`adaptive_attacks_for` on the
     plans' base attacks; a spec is kept only where it supports the threat and its label is not
-    already used by a configured attack (the plain cells stay, so users see the gap)."""
+    already used by a configured attack, nor is it a stand-alone attack (square, wrong-label
+    latent) the config already lists (the plain cells stay, so users see the gap)."""
     from bench.runner import CellPlan, attack_threats
 
     attacked = [p for p in plans if p.attack is not None]
     if not attacked:
         return []
     used = {p.attack.label for p in attacked}
+    #: stand-alone attacks the user already configured (under any label) are not added again
+    configured = {p.attack.name for p in attacked} & {"square", "wrong_label_latent"}
     latent = is_latent_defense(defense)
     structure = structure_of(defense)
     by_te: dict[tuple[str, float], list] = {}
@@ -654,7 +657,7 @@ def adaptive_plans(defense: Any, plans: list, options: Any = None,
         first = ps[0]
         for spec in adaptive_attacks_for(structure, [p.attack for p in ps], options=options,
                                          latent=latent, observed_flags=observed_flags):
-            if spec.label in used:
+            if spec.label in used or spec.name in configured:
                 continue
             try:
                 ok = threat in attack_threats(spec)

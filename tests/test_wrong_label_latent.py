@@ -93,7 +93,25 @@ def test_in_the_matrix_report_and_figure_are_stored(tmp_path):
         assert rep["n"] == 20 and rep["latent"]["wrong_nearest_wrong"] >= 0.9
         assert all(Path(p).exists() for p in rep["figures"])
         assert all(str(tmp_path / "run" / "figures") in p for p in rep["figures"])
-    # added automatically for the latent defense, with the defense's own autoencoder
-    auto = cells[("test_latent", "wrong-label latent")]
-    assert auto.metrics["records"] is not None and "report" in auto.metrics
-    assert ("test_undefended", "wrong-label latent") not in cells
+    # listed explicitly, so not added a second time for the latent defense
+    assert not any(a == "wrong-label latent" for _, a in cells)
+
+
+def test_added_automatically_for_latent_defenses(setup):
+    from attacks.adaptive import adaptive_plans
+    from bench.config import ComponentSpec, DatasetSpec
+    from bench.runner import CellPlan
+
+    latent_defense, weak, _, _ = setup
+    ds, pgd = DatasetSpec("test_tiny", 20), ComponentSpec("test_pgd")
+    plans = [CellPlan(ds, ComponentSpec("test_latent"), None, "none", 0.0),
+             CellPlan(ds, ComponentSpec("test_latent"), pgd, "linf", 8 / 255),
+             CellPlan(ds, ComponentSpec("test_latent"), pgd, "l2", 0.5)]
+    extra = adaptive_plans(latent_defense, plans)
+    assert [(p.attack.label, p.threat) for p in extra if p.attack.name == "wrong_label_latent"
+            ] == [("wrong-label latent", "linf"), ("wrong-label latent", "l2")]
+    assert not any(p.attack.name == "wrong_label_latent" for p in adaptive_plans(weak, plans))
+    mine = plans + [CellPlan(ds, ComponentSpec("test_latent"),
+                             ComponentSpec("wrong_label_latent", {}, "mine"), "linf", 8 / 255)]
+    assert not any(p.attack.label == "wrong-label latent" for p in adaptive_plans(latent_defense,
+                                                                                   mine))
