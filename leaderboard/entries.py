@@ -288,7 +288,7 @@ def entries_tables(entries: list[dict[str, Any]], *, per_attack: bool = True,
             if per_attack:
                 for a in attacks:
                     acc = e["attacks"].get(a)
-                    row[f"{a} %"] = ("" if acc is None else _fmt(acc) if acc.get("complete", True)
+                    row[f"{a} %"] = ("n/a" if acc is None else _fmt(acc) if acc.get("complete", True)
                                      else f"({acc['n_attacked']} attacked)")
             row["Worst case %"] = _fmt(e["worst_case"])
             if show_cost:
