@@ -562,7 +562,8 @@ def adaptive_attacks_for(defense_structure: Any, base_attacks: Iterable[Any], *,
     through a semantic autoencoder; ``observed_flags``: codes of the defense-level flags seen
     on it (undeclared ``randomness`` turns on EOT, ``zero_gradients`` adds a Square cell).
 
-    Rules (EVALUATION.md): non-differentiable preprocessor -> BPDA (surrogate when declared);
+    Rules (EVALUATION.md): non-differentiable preprocessor -> BPDA (surrogate when declared)
+    around the PGD-family attacks and around a configured AutoAttack (APGD);
     random -> EOT, and AutoAttack ``rand`` when AutoAttack is configured; detector ->
     detector-aware PGD and reject-class PGD; any preprocessor -> transfer from the bare
     classifier; latent defenses -> the wrong-label latent attack. Undefended models get none.
@@ -603,6 +604,15 @@ def adaptive_attacks_for(defense_structure: Any, base_attacks: Iterable[Any], *,
                                  f"reject-class {b.label}"))
         if s.get("has_preprocessor") and o["transfer"]:
             out.append(_spec("transfer", wrap, f"transfer {b.label}"))
+    if nondiff and not random:  # APGD (AutoAttack) through the same BPDA view
+        for a in base:
+            if a.name in AUTOATTACK_LIKE and a.options.get("version") != "rand":
+                opts = {k: v for k, v in a.options.items() if k != "threat"}
+                spec_opts: dict[str, Any] = {"inner": a.name, "inner_options": opts, "bpda": True,
+                                             "eot": 0, "detector": "ignore"}
+                if "threat" in a.options:
+                    spec_opts["threat"] = a.options["threat"]
+                out.append(_spec("adaptive", spec_opts, f"bpda+{a.label}"))
     if random and o["rand_autoattack"]:
         for a in base:
             if a.name not in AUTOATTACK_LIKE or a.options.get("version") == "rand":

@@ -56,6 +56,10 @@ def test_structure_picks_the_adaptive_attacks():
     assert labels(nd) == ["bpda+pgd-20", "transfer pgd-20"]
     assert nd[0].name == "adaptive" and nd[0].options["bpda"] is True
     assert nd[0].options["inner_options"] == {"steps": 20}
+    nd_aa = adaptive_attacks_for(S(has_preprocessor=True, preprocessor_differentiable=False),
+                                 [pgd, aa])
+    assert labels(nd_aa) == ["bpda+pgd-20", "transfer pgd-20", "bpda+autoattack_cheap"]
+    assert nd_aa[2].options["inner"] == "autoattack_cheap"
     rnd = adaptive_attacks_for(S(has_preprocessor=True, random=True), [pgd, aa])
     assert labels(rnd) == ["eot+pgd-20", "transfer pgd-20", "autoattack_cheap rand"]
     assert rnd[0].options["eot"] == adaptive_options(None)["eot_draws"]
@@ -126,6 +130,16 @@ def test_bpda_breaks_gradient_masking(data):
     assert res.extras["bpda"] == "identity" and res.loss_trace is not None
     assert res.forward_passes > 0 and res.backward_passes > 0
     assert res.best_iterate is not None and res.any_iterate_adversarial.any()
+
+
+def test_bpda_wraps_apgd(data):
+    x, y = data
+    d = _defense("test_quantized")
+    apgd = {"version": "custom", "attacks": ["apgd-ce"], "n_iter": 5}
+    plain, _, _ = robust_accuracy(d, create_attack("autoattack", threat="linf", **apgd), x, y)
+    bpda, _, _ = robust_accuracy(d, create_attack("bpda", threat="linf", inner="autoattack",
+                                                  inner_options=apgd), x, y)
+    assert bpda < plain - 0.3
 
 
 def test_eot_on_the_random_defense(data):
