@@ -305,7 +305,8 @@ class AdaptiveAttack(Attack):
                  inner_options: dict[str, Any] | None = None, bpda: Any = "auto",
                  surrogate: str = "auto", eot: Any = "auto", eot_draws: int = 10,
                  detector: str = "auto", gamma: float = 1.0, seed: int = 0) -> None:
-        super().__init__(threat=threat, seed=seed, inner=inner, inner_options=dict(inner_options or {}),
+        super().__init__(threat=threat, seed=seed, inner=inner,
+                         inner_options=dict(inner_options or {}),
                          bpda=bpda, surrogate=surrogate, eot=eot, eot_draws=int(eot_draws),
                          detector=detector, gamma=float(gamma), kind="white-box")
         _inner_attack(inner, inner_options, self.threat, seed)  # fail early on bad options
@@ -532,7 +533,8 @@ class DetectorAwarePGD(Attack):
             if bool(found.all()):
                 break
         res = AttackResult(adv=best, loss_trace=torch.stack(trace),
-                           iterations=o["steps"] * o["restarts"], any_iterate_adversarial=found.cpu(),
+                           iterations=o["steps"] * o["restarts"],
+                           any_iterate_adversarial=found.cpu(),
                            best_iterate=best.clone(), forward_passes=fwd,
                            backward_passes=bwd if own_counting else 0)
         res.extras.update({k2: v for k2, v in info.items() if k2 != "passes_per_call"})

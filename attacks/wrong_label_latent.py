@@ -105,7 +105,8 @@ class WrongLabelLatent(Attack):
                  autoencoder: Any = "auto", autoencoder_options: dict[str, Any] | None = None,
                  dataset: str | None = None, store_latents: bool = True, seed: int = 0) -> None:
         if target not in ("runner-up", "random") and not isinstance(target, int):
-            raise ValueError(f"target must be 'runner-up', 'random' or a class index, got {target!r}")
+            raise ValueError(f"target must be 'runner-up', 'random' or a class index, "
+                             f"got {target!r}")
         super().__init__(threat=threat, seed=seed, target=target, autoencoder=autoencoder,
                          autoencoder_options=dict(autoencoder_options or {}), dataset=dataset,
                          store_latents=bool(store_latents), kind="semantic")
@@ -236,7 +237,8 @@ def wrong_label_report(z_clean: Any, z_wrong: Any, labels: Any, wrong_labels: An
         ok = np.isin(lab, keys)
         if not ok.any():
             return float("nan")
-        return float(np.linalg.norm(a[ok] - np.stack([cent[int(v)] for v in lab[ok]]), axis=1).mean())
+        c = np.stack([cent[int(v)] for v in lab[ok]])
+        return float(np.linalg.norm(a[ok] - c, axis=1).mean())
 
     report["latent"] = {
         "clean_nearest_true": float((nearest(z) == y).mean()),

@@ -330,11 +330,13 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
         if bad:
             raise ConfigError(f"adaptive: unknown option {bad[0]!r}; known: {list(ADAPTIVE_KEYS)}")
     elif not isinstance(adaptive, bool):
-        raise ConfigError(f"adaptive: expected true, false or a mapping of options, got {adaptive!r}")
+        raise ConfigError(f"adaptive: expected true, false or a mapping of options, got "
+                          f"{adaptive!r}")
     cfg.adaptive = adaptive
     checks = raw.get("checks") or {}
     if not isinstance(checks, dict):
-        raise ConfigError(f"checks: expected a mapping, e.g. {{convergence_subset: 16}}, got {checks!r}")
+        raise ConfigError(f"checks: expected a mapping, e.g. {{convergence_subset: 16}}, got "
+                          f"{checks!r}")
     bad = sorted(set(map(str, checks)) - set(CHECK_KEYS))
     if bad:
         raise ConfigError(f"checks: unknown option {bad[0]!r}; known: {list(CHECK_KEYS)}")

@@ -116,8 +116,8 @@ def defense_checks(defense, images: torch.Tensor, labels: torch.Tensor, *, seed:
                           + ("" if declared else " although the defense does not declare "
                              "randomness"), declared=declared))
     o = outs[0]
-    if o.min() >= 0 and o.max() <= 1 and torch.allclose(o.sum(1), torch.ones(len(o), device=o.device),
-                                                         atol=1e-3):
+    ones = torch.ones(len(o), device=o.device)
+    if o.min() >= 0 and o.max() <= 1 and torch.allclose(o.sum(1), ones, atol=1e-3):
         flags.append(flag("probability_outputs", "every output row lies in [0, 1] and sums to 1"))
     xg = x.clone().requires_grad_(True)
     try:

@@ -265,7 +265,8 @@ class TestLatent(_ToyDefense):
 
         ae = ColourSemanticAE((3, 16, 16) if dataset == "test_tiny" else (3, 32, 32),
                               torch.tensor(_PALETTE), tint=tint, code=code).to(device)
-        super().__init__(model, sha, classifier, preprocessor=LabelConditionedPreprocessor(ae, model))
+        super().__init__(model, sha, classifier,
+                         preprocessor=LabelConditionedPreprocessor(ae, model))
         self.toy_options = {"tint": float(tint), "code": float(code)}
 
     @property
