@@ -146,7 +146,7 @@ def _cluster_latents(latents, labels, num_classes, max_clusters, pca_dim, silhou
         if best_s < silhouette_min:
             best_k, best_lab = 1, np.zeros(len(idx), dtype=np.int64)
         ks.append(best_k)
-        scores.append(best_s if best_k > 1 else None)
+        scores.append(best_s if best_s > -1.0 else None)  # best over k >= 2, even if k = 1 won
         for j in range(best_k):
             members = idx[torch.from_numpy(best_lab == j)]
             assignment[members] = len(means)

@@ -61,6 +61,11 @@ def test_shared_pixel_weights_lie_in_unit_interval_and_span_it():
     flat = W.flatten(1)
     assert torch.allclose(flat.max(1).values, torch.ones(len(x)))
     assert torch.allclose(flat.min(1).values, torch.zeros(len(x)))
+    Wr = shared_pixel_weights(model, x, normalise="rank")
+    assert float(Wr.min()) == 0.0 and float(Wr.max()) == 1.0
+    assert float(Wr.mean()) == pytest.approx(0.5, abs=1e-3)
+    # the rank keeps the ordering of the min-max weights (up to ties)
+    assert torch.all(W.flatten(1).argmax(1) == Wr.flatten(1).argmax(1))
     Wc = shared_pixel_weights(model, x, reduce_channels=True, classes=[0, 2])
     assert Wc.shape == x.shape and float(Wc.min()) >= 0 and float(Wc.max()) <= 1
     assert torch.equal(Wc[:, 0], Wc[:, 1])  # one weight per pixel
