@@ -68,6 +68,10 @@ class AttackTracer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.model(x)
+        if x.requires_grad and torch.is_grad_enabled():
+            # a model that cuts the graph (a purifier under no_grad) has UNAVAILABLE gradients:
+            # attacks then see zero gradients (and the zero_gradients flag) instead of crashing
+            out = out + 0.0 * x.sum()
         n = int(x.shape[0])
         self.forward_passes += n
         if out.requires_grad:

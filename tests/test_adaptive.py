@@ -132,6 +132,33 @@ def test_bpda_breaks_gradient_masking(data):
     assert res.best_iterate is not None and res.any_iterate_adversarial.any()
 
 
+class _NoGraph(torch.nn.Module):
+    """A purifier that cuts the autograd graph (like an iterative solver under no_grad)."""
+
+    differentiable = False
+    random = False
+
+    def forward(self, x):
+        with torch.no_grad():
+            return (x * 255).round() / 255
+
+    def surrogate(self):
+        return None
+
+
+def test_unavailable_gradients_do_not_crash_plain_attacks(data):
+    from bench import flags as flagmod
+    from defenses.base import Defense
+
+    x, y = data
+    d = Defense(_defense("test_undefended").classifier, preprocessor=_NoGraph()).eval()
+    assert "zero_gradients" in {f["code"] for f in flagmod.defense_checks(d, x, y)}
+    plain, _, _ = robust_accuracy(d, create_attack("pgd", threat="linf", steps=5), x, y)
+    broken, _, _ = robust_accuracy(d, create_attack("bpda", threat="linf",
+                                                    inner_options={"steps": 5}), x, y)
+    assert plain > 0.8 and broken < plain - 0.3
+
+
 def test_bpda_wraps_apgd(data):
     x, y = data
     d = _defense("test_quantized")
