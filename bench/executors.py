@@ -524,23 +524,23 @@ class RayExecutor(Executor):
             more, _ = self.ray.wait(list(self._pending), num_returns=len(self._pending),
                                     timeout=0)
             ready = list(dict.fromkeys(list(ready) + list(more)))
-        for ref in ready:
-            job, b, idx = self._pending.pop(ref)
-            try:
-                out = self.ray.get(ref)
-            except BaseException:
-                self.drain_quietly()
-                raise
-            self.task_times.append({"latency": time.perf_counter() - self._submitted.pop(ref),
-                                    "compute": out.wall_time})
-            job.on_batch(out)
-            if self._bar is not None:
-                self._bar.update(1)
-            self._mutated[id(job)] |= out.mutated
-            self._left[id(job)] -= 1
-            if self._left[id(job)] == 0:
-                del self._left[id(job)]
-                job.on_done(self._mutated.pop(id(job)))
+        try:
+            for ref in ready:
+                job, b, idx = self._pending.pop(ref)
+                out = self.ray.get(ref)  # a worker's exception is raised here, as its own type
+                self.task_times.append({"latency": time.perf_counter() - self._submitted.pop(ref),
+                                        "compute": out.wall_time})
+                job.on_batch(out)
+                if self._bar is not None:
+                    self._bar.update(1)
+                self._mutated[id(job)] |= out.mutated
+                self._left[id(job)] -= 1
+                if self._left[id(job)] == 0:
+                    del self._left[id(job)]
+                    job.on_done(self._mutated.pop(id(job)))
+        except BaseException:  # a failed task or a failed store write: stop the others
+            self.drain_quietly()
+            raise
         self._launch()
 
     def drain(self) -> None:

@@ -13,6 +13,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,19 +30,27 @@ def timed(fn: Callable[[], object]) -> tuple[float, object]:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1,
-                log: Callable[[str], None] = print) -> dict[str, list[float]]:
-    """Run every function once per round, in rotating order; return the times per function."""
+                log: Callable[[str], None] = print, cpu: dict[str, list[float]] | None = None
+                ) -> dict[str, list[float]]:
+    """Run every function once per round, in rotating order; return the wall times per
+    function (and fill ``cpu`` with this process's CPU times, all threads, when given)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpus: dict[str, list[float]] = cpu if cpu is not None else {}
+    for n in names:
+        cpus[n] = []
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
+            c0 = time.process_time()
             t, _ = timed(fns[n])
+            cpus[n].append(time.process_time() - c0)
             times[n].append(t)
-        log(f"  round {r + 1}/{rounds}: " + ", ".join(f"{n} {times[n][-1]:.3f} s" for n in names))
+        log(f"  round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {times[n][-1]:.2f} s ({cpus[n][-1]:.2f} CPU)" for n in names))
     return times
 
 
@@ -87,8 +96,10 @@ def run_cli(args: list[str], *, env: dict | None = None, cwd: Path | None = None
 
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
+    # a neutral working directory: `-m` puts it first on sys.path, and the installed (or
+    # PYTHONPATH) robustmatrix must be the one measured
     p = subprocess.run([sys.executable, "-m", "bench", *args], env={**os.environ, **(env or {})},
-                       cwd=cwd or REPO, capture_output=True, text=True)
+                       cwd=cwd or tempfile.gettempdir(), capture_output=True, text=True)
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if check and p.returncode != 0:

@@ -58,8 +58,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: least disturbed by other load on a shared machine)")
     ap.add_argument("--only", choices=["pgd", "autoattack"], help="one of the two cells")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
 
     import torchattacks
     from pyautoattack import AutoAttack as LibAutoAttack
@@ -82,12 +85,29 @@ def main() -> None:
         "autoattack": ({"name": "autoattack_cheap"}, "AutoAttack cheap (APGD-CE + APGD-T, 20 it, "
                                                      "3 targets) Linf 8/255"),
     }
+    # count the samples that go through the model, forward and backward, in each variant: the
+    # compute overhead of the harness without the noise of a shared machine
+    count = {"fwd": 0, "bwd": 0}
+
+    def fwd_hook(module, inputs, output):
+        count["fwd"] += int(inputs[0].shape[0])
+        if output.requires_grad:
+            n = int(inputs[0].shape[0])
+            output.register_hook(lambda g: count.__setitem__("bwd", count["bwd"] + n))
+
+    defense.register_forward_hook(fwd_hook)
+
+    def counted(fn):
+        count["fwd"] = count["bwd"] = 0
+        out = fn()
+        return dict(count), out
+
     for cell, (spec, title) in cells.items():
         if args.only and cell != args.only:
             continue
         attack = create_attack(ComponentSpec(spec["name"], {k: v for k, v in spec.items()
                                                             if k != "name"}), "linf", seed=seed)
-        acc: dict[str, float] = {}
+        last: dict[str, torch.Tensor] = {}
 
         if cell == "pgd":
             def direct_attack():
@@ -95,27 +115,27 @@ def main() -> None:
                     torch.manual_seed(seed)
                     atk = torchattacks.PGD(defense, eps=eps, alpha=2.5 * eps / 10, steps=10,
                                            random_start=True)
-                    return atk(x, y)
+                    last["direct"] = atk(x, y)
+                    return last["direct"]
 
             def direct():
                 adv = direct_attack()
                 with torch.no_grad():
-                    acc["direct"] = float((defense(adv).argmax(1) == y).float().mean())
+                    return (defense(adv).argmax(1) == y).float().mean()
         else:
-            def direct():
+            def direct():  # AutoAttack scores the clean and adversarial inputs itself
                 aa = LibAutoAttack(defense, norm="Linf", eps=eps, seed=seed, device="cpu",
                                    version="custom", attacks=["apgd-ce", "apgd-t"])
                 aa.apgd.n_iter = aa.apgd_targeted.n_iter = 20
                 aa.apgd_targeted.n_target_classes = 3
                 aa.logger.disabled = True
-                adv, robust = aa.run_standard_evaluation(x, y, batch_size=len(y))
-                acc["direct"] = float(torch.as_tensor(robust).float().mean()) \
-                    if robust is not None else float("nan")
+                last["direct"], _ = aa.run_standard_evaluation(x, y, batch_size=len(y))
             direct_attack = None
 
         def harness():
-            rows, _, _ = attack_batch(defense, attack, x, y, eps, clean=clean, seed=seed, draws=5)
-            acc["attack_batch"] = sum(r["adv_correct"] for r in rows) / len(rows)
+            rows, last["attack_batch"], _ = attack_batch(defense, attack, x, y, eps, clean=clean,
+                                                         seed=seed, draws=5)
+            return rows
 
         counter = [0]
 
@@ -132,21 +152,32 @@ def main() -> None:
         fns = {"direct": direct, "attack_batch": harness, "runner": runner}
         if direct_attack is not None:
             fns["direct_attack_only"] = direct_attack
+        passes = {n: counted(fns[n])[0] for n in ("direct", "attack_batch")}
         print(f"\n{title}")
-        times = interleaved(fns, args.rounds)
-        r = {"title": title, "times": times,
+        cpu: dict[str, list[float]] = {}
+        times = interleaved(fns, args.rounds, cpu=cpu, warmup=0)
+        with torch.no_grad():
+            acc = {n: float((defense(a).argmax(1) == y).float().mean()) for n, a in last.items()}
+        fb = {n: p["fwd"] + 2 * p["bwd"] for n, p in passes.items()}  # backward ~ 2 forwards
+        r = {"title": title, "times": times, "cpu_times": cpu, "sample_passes": passes,
              "attack_batch/direct": ratio_stats(times["attack_batch"], times["direct"]),
+             "attack_batch/direct_cpu": ratio_stats(cpu["attack_batch"], cpu["direct"]),
+             "attack_batch/direct_compute": fb["attack_batch"] / fb["direct"],
              "runner/direct": ratio_stats(times["runner"], times["direct"]),
-             "robust_accuracy": dict(acc)}
+             "robust_accuracy": acc}
         if "direct_attack_only" in times:
             r["attack_batch/direct_attack_only"] = ratio_stats(times["attack_batch"],
                                                                times["direct_attack_only"])
         result["cells"][cell] = r
-        print(fmt_ratio("  attack_batch / direct", r["attack_batch/direct"], "<= 1.05"))
+        print(fmt_ratio("  attack_batch / direct, wall", r["attack_batch/direct"], "<= 1.05"))
+        print(fmt_ratio("  attack_batch / direct, CPU time", r["attack_batch/direct_cpu"]))
+        print(f"  samples through the model: direct {passes['direct']}, attack_batch "
+              f"{passes['attack_batch']} -> compute ratio (backward = 2 forwards) "
+              f"{r['attack_batch/direct_compute']:.3f}")
         if "attack_batch/direct_attack_only" in r:
-            print(fmt_ratio("  attack_batch / direct attack without scoring",
+            print(fmt_ratio("  attack_batch / direct attack without scoring, wall",
                             r["attack_batch/direct_attack_only"]))
-        print(fmt_ratio("  one-cell MatrixRunner run / direct", r["runner/direct"]))
+        print(fmt_ratio("  one-cell MatrixRunner run / direct, wall", r["runner/direct"]))
         print(f"  robust accuracy: {acc}")
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nfigures written to {write_result('harness_overhead', result)}")

@@ -37,13 +37,50 @@ def rows(run_dir: Path) -> dict:
             for (k,) in con.execute("SELECT key FROM cells")}
 
 
+def transfer_cost(ray, matrix: str, rounds: int = 5) -> dict[str, float]:
+    """Seconds to get the matrix's (first) defense onto a worker: ``put`` (driver: pickle into
+    the object store; worker: fetch and unpickle) vs ``rebuild`` (worker: registry build and
+    artifact/checkpoint load from the shared cache), medians over ``rounds``, alternating."""
+    from bench.artifacts import prepare_defense
+    from bench.config import load_config
+    from bench.executors import CellJob, RayExecutor, _worker_defense
+
+    cfg = load_config(matrix)
+    de, ds = cfg.defenses[0], cfg.datasets[0]
+    defense, _ = prepare_defense(de.name, de.options, dataset=ds.name, dataset_options=ds.options,
+                                 preset=cfg.fit_preset, log=lambda m: None)
+    recipe = {"name": de.name, "options": de.options, "dataset": ds.name,
+              "dataset_options": ds.options, "preset": cfg.fit_preset}
+
+    @ray.remote(num_cpus=1)
+    def fetch(handle):
+        t = time.perf_counter()
+        _worker_defense(handle)
+        return time.perf_counter() - t
+
+    out: dict[str, list[float]] = {"put_driver": [], "put_worker": [], "rebuild_worker": []}
+    for _ in range(rounds):
+        for mode in ("put", "rebuild"):
+            ex = RayExecutor(device="cpu", defense_transfer=mode, threads=1)
+            ex.start()
+            job = CellJob("k", "k", defense, None, 0.0, 0, 1, defense.fingerprint(), recipe)
+            t = time.perf_counter()
+            handle = ex._handle(job)  # a new token: the worker's cache misses
+            if mode == "put":
+                out["put_driver"].append(time.perf_counter() - t)
+            out[f"{mode}_worker"].append(ray.get(fetch.remote(handle)))
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--matrices", nargs="+", default=["smoke", "quick"])
     ap.add_argument("--rounds", type=int, default=1, help="rounds for the quick matrix")
     ap.add_argument("--smoke-rounds", type=int, default=7, help="rounds for the smoke matrix")
     ap.add_argument("--threads", type=int, nargs="+", default=[0, 1],
-                    help="torch threads per Ray task (0: the executor's default)")
+                    help="torch threads per Ray task on smoke (0: the executor's default)")
+    ap.add_argument("--quick-threads", type=int, nargs="+", default=[1],
+                    help="the same on quick (each setting costs two quick runs per round)")
     args = ap.parse_args()
 
     import ray
@@ -87,9 +124,15 @@ def main() -> None:
     run("smoke", "ray", 0, "warm-ray")
     run("smoke", "local", 0, "warm-local")
     result: dict = {"ray_init_s": t_init, "empty_task_ms": 1000 * statistics.median(lat),
-                    "matrices": {}}
+                    "matrices": {}, "defense_transfer": {}}
     for matrix in args.matrices:
-        for threads in args.threads:
+        tc = transfer_cost(ray, matrix)
+        result["defense_transfer"][matrix] = tc
+        print(f"defense to a worker ({matrix}): put {tc['put_driver']:.3f} s in the driver + "
+              f"{tc['put_worker']:.3f} s in the worker; rebuild {tc['rebuild_worker']:.3f} s in "
+              "the worker", flush=True)
+    for matrix in args.matrices:
+        for threads in (args.threads if matrix == "smoke" else args.quick_threads):
             label = f"{matrix} threads={threads or 'default'}"
             walls: dict[str, list[float]] = {"local": [], "ray": []}
             overhead, same = [], True

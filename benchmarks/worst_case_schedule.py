@@ -34,7 +34,8 @@ def main() -> None:
     from leaderboard.table import build_records
 
     tmp = Path(tempfile.mkdtemp(prefix="rm-schedule-"))
-    out: dict[str, dict] = {s: {"wall": [], "fwd": None, "bwd": None, "worst": None}
+    out: dict[str, dict] = {s: {"wall": [], "cpu": [], "cell_wall": [], "fwd": None,
+                                "bwd": None, "worst": None}
                             for s in ("full", "worst-case")}
     for r in range(args.rounds):
         order = ["full", "worst-case"] if r % 2 == 0 else ["worst-case", "full"]
@@ -45,9 +46,9 @@ def main() -> None:
                 for d in cfg.datasets:
                     d.n = args.n
             cfg.run_dir = str(tmp / f"{sched}-{r}")
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             MatrixRunner(cfg, progress=False, log=lambda m: None).run()
-            wall = time.perf_counter() - t0
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             store = ResultStore(Path(cfg.run_dir) / "results.sqlite")
             cells = [c for c in store.cells() if c.attack != "clean"]
             fwd = sum(c.forward_passes or 0 for c in cells)
@@ -57,19 +58,26 @@ def main() -> None:
                      for x in build_records(store)}
             o = out[sched]
             o["wall"].append(wall)
+            o["cpu"].append(cpu)
+            o["cell_wall"].append(sum(c.wall_time or 0 for c in cells))
             o["fwd"], o["bwd"], o["worst"] = fwd, bwd, worst
             o["per_cell"] = {f"{c.attack} {c.threat} {c.eps:.4g}": c.forward_passes for c in cells}
-            print(f"  {sched:10s} round {r + 1}: {wall:7.1f} s, {fwd} forward / {bwd} backward "
-                  "sample-passes in attacked cells", flush=True)
+            print(f"  {sched:10s} round {r + 1}: {wall:7.1f} s wall, {cpu:7.1f} s CPU, "
+                  f"{o['cell_wall'][-1]:7.1f} s in attacked cells; {fwd} forward / {bwd} "
+                  "backward sample-passes in attacked cells", flush=True)
     f, w = out["full"], out["worst-case"]
     equal = f["worst"] == w["worst"]
     res = {"matrix": args.matrix, "n": args.n, "full": f, "worst_case": w,
            "passes_ratio_forward": w["fwd"] / max(f["fwd"], 1),
            "passes_ratio_backward": w["bwd"] / max(f["bwd"], 1),
            "time_ratio": statistics.median(w["wall"]) / statistics.median(f["wall"]),
+           "cpu_ratio": statistics.median(w["cpu"]) / statistics.median(f["cpu"]),
+           "attacked_cell_time_ratio": statistics.median(w["cell_wall"])
+           / statistics.median(f["cell_wall"]),
            "worst_case_equal": equal}
     print(f"worst-case / full: forward passes {res['passes_ratio_forward']:.3f}, backward passes "
-          f"{res['passes_ratio_backward']:.3f}, wall time {res['time_ratio']:.3f}")
+          f"{res['passes_ratio_backward']:.3f}, wall time {res['time_ratio']:.3f}, CPU time "
+          f"{res['cpu_ratio']:.3f}, time in attacked cells {res['attacked_cell_time_ratio']:.3f}")
     print(f"worst-case robust accuracy identical under both schedules: {equal}")
     for k in sorted(f["worst"]):
         print(f"  {k}: full {f['worst'][k]}, worst-case {w['worst'].get(k)}")
