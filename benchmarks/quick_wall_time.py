@@ -2,10 +2,11 @@
 
     python benchmarks/quick_wall_time.py [--cold] [--warm] [--rounds 1]
 
-* warm: ``robustmatrix run quick`` in a fresh run directory with the usual cache (decoded data,
-  the trained quick classifier) already filled;
+* warm: ``robustmatrix run quick`` in a fresh run directory with the usual cache (decoded data)
+  already filled;
 * cold: the same with ``ROBUSTMATRIX_CACHE`` pointing at a new empty folder, so the run also
-  decodes the CIFAR-10 train split and trains the quick ResNet-20 (the first run after install).
+  decodes the CIFAR-10 test split again (the first run after install; the quick preset's
+  classifier is the pinned akamaster ResNet-20, so nothing is trained).
 
 Both are reported as wall time AND as CPU time (user + system of the process); on a machine
 shared with other work the wall time is inflated, while CPU time / cores is what the wall time

@@ -228,3 +228,31 @@ def test_io_buffer_payload_with_weights_only():
     buf.seek(0)
     with pytest.raises(pickle.UnpicklingError):
         torch.load(buf, weights_only=True)
+
+
+def test_an_artifact_fitted_for_another_dataset_or_resolution_is_refused(tmp_path):
+    """A genuine artifact reused for another dataset, resolution or configuration is refused
+    with one line that names the mismatch and the fix (`robustmatrix fit ...`), never loaded."""
+    from bench.artifacts import artifact_metadata, save_artifact
+    from bench.models import create_model, save_checkpoint
+
+    clf = tmp_path / "clf.safetensors"
+    save_checkpoint(create_model("test_tiny_cnn", num_classes=10), clf, {"dataset": "test_tiny"})
+    opts = {"calibration": 50, "classifier": str(clf)}
+    defense, _ = prepare_defense("test_detector", opts, dataset="test_tiny", preset="tiny",
+                                 log=lambda m: None)
+    meta = artifact_metadata(defense, "test_detector", dataset="test_tiny", resolution=None,
+                             preset="tiny", train_fingerprint="x")
+    good = tmp_path / "good.safetensors"
+    save_artifact(defense, good, meta)
+    load_artifact(defense, good, meta)  # the matching setting loads
+    for field, other in (("dataset", "cifar10"), ("resolution", "64"),
+                         ("config", '{"fpr": 0.01}')):
+        with pytest.raises(ArtifactError) as info:
+            load_artifact(defense, good, {**meta, field: other})
+        msg = str(info.value)
+        assert "\n" not in msg and f"trained for {field}=" in msg and "robustmatrix fit" in msg
+    # through the harness: the same file named as the artifact of a 64-px run is refused
+    with pytest.raises(ArtifactError, match="trained for resolution='None', not '64'"):
+        prepare_defense("test_detector", {**opts, "artifact": str(good)}, dataset="test_tiny",
+                        dataset_options={"resolution": 64}, preset="tiny", log=lambda m: None)
