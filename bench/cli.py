@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--report", action="store_true",
                    help="also write the defense's report (metrics, figures) when it has one")
     f.add_argument("--out", help="folder for reports and figures [runs/fit/<defense>]")
+    f.add_argument("--report-n", type=int, default=500, metavar="N",
+                   help="held-out test images the report measures on [500]")
 
     from bench.submit import add_parsers as add_submission_parsers  # submit verify sweep publish
 
@@ -298,17 +300,31 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         state = "fitted" if info["fit_seconds"] else "reused cached artifact"
         _info(f"{args.defense} on {args.dataset}: {state} in {took:.1f} s -> {info['artifact']}")
-    if args.report and hasattr(defense, "report"):
+    if args.report:
+        if not hasattr(defense, "report"):
+            _info(f"{args.defense} has no report (defenses with one: semantic_ae, plain_ae, "
+                  "aae_detector, srd)")
+            return 0
         out = Path(args.out or f"runs/fit/{args.defense}")
         out.mkdir(parents=True, exist_ok=True)
         from bench.data import load_eval
 
-        data = load_eval(args.dataset, 500, **ds_opts)
-        rep = defense.report(data, out)
+        twin = None
+        twin_name = getattr(defense, "report_twin", None)
+        if twin_name:  # e.g. the plain AE a semantic AE is compared with: same options
+            _info(f"the report compares with {twin_name} (fitted once, then cached)")
+            twin, _ = prepare_defense(twin_name, options, dataset=args.dataset,
+                                      dataset_options=ds_opts, device=device,
+                                      preset=args.preset, progress=True, log=_info)
+        load_kw = {k: v for k, v in ds_opts.items() if k in ("root", "resolution")}
+        data = load_eval(args.dataset, args.report_n, **load_kw)
+        rep = defense.report(data, out, twin=twin)
         import json
 
         (out / "report.json").write_text(json.dumps(rep, indent=2, default=str))
         print(json.dumps(rep, indent=2, default=str))
+        _info(f"report written to {out / 'report.json'}"
+              + (f"; figures {', '.join(rep['figures'])}" if rep.get("figures") else ""))
     return 0
 
 

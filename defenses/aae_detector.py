@@ -475,6 +475,16 @@ class AAEDetectorDefense(Defense):
         self.fitted = True
         return self
 
+    def report(self, data: Any, out: Any, *, twin: Any = None) -> dict[str, Any]:
+        """FPR / detection rate / AUROC on ``data`` vs Gaussian noise and vs non-adaptive PGD on
+        the bare classifier, the clean codes' distance to the prior, and the t-SNE figure of the
+        codes (``out/tsne_codes.png|svg``); see :func:`defenses.latent_metrics.detector_report`."""
+        from pathlib import Path
+
+        from defenses.latent_metrics import detector_report
+
+        return detector_report(self, data, figure_path=Path(out) / "tsne_codes")
+
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "resolution": self.resolution,
                 "image_shape": list(self.image_shape), "num_classes": self.num_classes,

@@ -263,3 +263,84 @@ def semantic_ae_report(defense: Any, data: Any, *, plain: Any = None, batch_size
                             max_points=max_points, seed=seed)
         report["figures"] = [str(p) for p in paths]
     return report
+
+
+# ----------------------------------------------------------------------------------------------
+# reports of the other defenses (``robustmatrix fit DEFENSE --report``)
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def _batched(fn: Any, images: torch.Tensor, device: torch.device, batch_size: int = 256
+             ) -> torch.Tensor:
+    return torch.cat([fn(images[i:i + batch_size].to(device)).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def purification_report(defense: Any, data: Any, *, batch_size: int = 256) -> dict[str, Any]:
+    """What a preprocessor/purifier does to CLEAN images: PSNR and SSIM of its output against
+    its input (means), and the accuracy of the classifier on the raw vs the purified images
+    (the defense's clean accuracy is the latter)."""
+    pre = getattr(defense, "preprocessor", None)
+    if pre is None:
+        raise TypeError(f"{type(defense).__name__} has no preprocessor")
+    images, labels = data.images.float(), data.labels.long()
+    device = next(defense.parameters()).device
+    purified = _batched(pre, images, device, batch_size)
+    raw_pred = _batched(defense.classifier, images, device, batch_size).argmax(1)
+    pur_pred = _batched(defense.classifier, purified, device, batch_size).argmax(1)
+    return {"n": int(len(images)),
+            "purified_vs_input": {"psnr": float(psnr(purified, images).clamp(max=100.0).mean()),
+                                  "ssim": float(ssim(purified, images).mean()),
+                                  "linf": float((purified - images).abs().amax()),
+                                  "in_unit_box": bool(purified.min() >= 0 and purified.max() <= 1)},
+            "classifier_accuracy_raw": float((raw_pred == labels).float().mean()),
+            "classifier_accuracy_purified": float((pur_pred == labels).float().mean())}
+
+
+def pgd_transfer_images(model: Any, data: Any, *, eps: float = 8 / 255, steps: int = 10,
+                        seed: int = 0, batch_size: int = 256) -> torch.Tensor:
+    """PGD (Linf, torchattacks, seeded) adversarials against ``model`` (e.g. a defense's bare
+    classifier): the non-adaptive images a detector report measures detection on."""
+    import torchattacks
+
+    device = next(model.parameters()).device
+    out = []
+    torch.manual_seed(seed)
+    atk = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps,
+                           random_start=True)
+    for i in range(0, len(data.labels), batch_size):
+        out.append(atk(data.images[i:i + batch_size].float().to(device),
+                       data.labels[i:i + batch_size].long().to(device)).cpu())
+    return torch.cat(out)
+
+
+def detector_report(defense: Any, data: Any, *, figure_path: str | Path | None = None,
+                    eps: float = 8 / 255, seed: int = 0, max_points: int = 2000
+                    ) -> dict[str, Any]:
+    """An AAE-style detector measured on held-out clean images and two kinds of perturbed ones:
+    Gaussian noise (std ``eps``) and PGD-10 Linf ``eps`` against the bare classifier (the
+    non-adaptive attack). FPR, detection rate and AUROC for each (``detection_metrics``); the
+    distance of the clean codes to the prior; with ``figure_path`` the t-SNE of the codes of
+    clean vs PGD images."""
+    from defenses.aae_detector import detection_metrics, prior_distance
+
+    images, labels = data.images.float(), data.labels.long()
+    g = torch.Generator().manual_seed(seed)
+    noisy = (images + eps * torch.randn(images.shape, generator=g)).clamp(0, 1)
+    adv = pgd_transfer_images(defense.classifier, data, eps=eps, seed=seed)
+    report: dict[str, Any] = {
+        "n": int(len(images)), "eps": eps,
+        "gaussian_noise": detection_metrics(defense, images, noisy),
+        "pgd_on_classifier": detection_metrics(defense, images, adv)}
+    aae = getattr(defense, "aae", None)
+    if aae is not None:
+        device = next(aae.parameters()).device
+        z_clean = _batched(aae.encode, images, device)
+        z_adv = _batched(aae.encode, adv, device)
+        report["prior_distance_clean_codes"] = prior_distance(z_clean, aae.prior, seed=seed)
+        if figure_path is not None:
+            paths = tsne_figure({"AAE codes, clean": (z_clean, labels),
+                                 "AAE codes, PGD on the classifier": (z_adv, labels)},
+                                figure_path, class_names=getattr(data, "classes", None),
+                                max_points=max_points, seed=seed)
+            report["figures"] = [str(p) for p in paths]
+    return report

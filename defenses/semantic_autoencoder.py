@@ -482,6 +482,24 @@ class SemanticAutoencoderDefense(Defense):
         self.fitted = True
         return self
 
+    # ``robustmatrix fit semantic_ae --report`` -------------------------------------------------
+    @property
+    def report_twin(self) -> str | None:
+        """The registered plain twin the report compares against (fitted or reused)."""
+        name = getattr(self, "registry_name", "semantic_ae")
+        return name.replace("semantic_ae", "plain_ae") if self.label_conditioned else None
+
+    def report(self, data: Any, out: Any, *, twin: Any = None) -> dict[str, Any]:
+        """The measured claim on ``data``: separation (silhouette, linear probe) and PSNR/SSIM
+        for this AE and its plain ``twin``, the decoded-image distance between the two, and the
+        t-SNE figure of both latent spaces (``out/tsne_latents.png|svg``)."""
+        from pathlib import Path
+
+        from defenses.latent_metrics import semantic_ae_report
+
+        return semantic_ae_report(self, data, plain=twin,
+                                  figure_path=Path(out) / "tsne_latents")
+
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "resolution": self.resolution,
                 "image_shape": list(self.image_shape), "num_classes": self.num_classes,

@@ -492,6 +492,27 @@ class SRDDefense(FitStateMixin, Defense):
         self.fitted = True
         return self
 
+    def report(self, data: Any, out: Any, *, twin: Any = None) -> dict[str, Any]:
+        """On clean ``data``: PSNR/SSIM of the purified images against their input, the robust
+        model's accuracy on raw vs purified images, how the clusters are used (share of images
+        per chosen cluster), and the fit's clustering figures when this process fitted it."""
+        from defenses.latent_metrics import purification_report
+
+        rep = purification_report(self, data)
+        p = self.purifier
+        device = next(self.parameters()).device
+        with torch.no_grad():
+            chosen = torch.cat([p.nearest_cluster(data.images[i:i + 256].float().to(device)).cpu()
+                                for i in range(0, len(data.labels), 256)])
+        counts = torch.bincount(chosen, minlength=p.num_clusters)
+        rep["clusters"] = {"count": int(p.num_clusters),
+                           "per_class": torch.bincount(p.cluster_class.cpu(),
+                                                       minlength=self.num_classes).tolist(),
+                           "share_chosen": (counts.float() / max(len(chosen), 1)).tolist()}
+        if getattr(self, "fit_info", None):
+            rep["fit"] = {k: v for k, v in self.fit_info.items() if k != "settings"}
+        return rep
+
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "resolution": self.resolution, "arch": self.arch,
                 "baseline": self.baseline_spec, "eps": self.eps, **self.overrides, **self.knobs,

@@ -4,6 +4,7 @@ and nothing already stored is lost."""
 import sqlite3
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -96,3 +97,38 @@ def test_leaderboard_command_writes_formats(stored_run, capsys):
 def test_leaderboard_of_missing_run_is_one_line(tmp_path, capsys):
     assert main(["leaderboard", "--run-dir", str(tmp_path / "nothing")]) == 2
     assert "no result store" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,keys", [
+    ("test_semantic_ae", ("semantic", "plain", "decoded_semantic_vs_plain", "figures")),
+    ("test_aae_detector", ("gaussian_noise", "pgd_on_classifier", "prior_distance_clean_codes",
+                           "figures")),
+    ("test_srd", ("purified_vs_input", "classifier_accuracy_purified", "clusters")),
+])
+def test_fit_report_writes_metrics_and_figures(name, keys, tmp_path, capsys):
+    """`robustmatrix fit DEFENSE --report`: the defense's measured report (and, for the semantic
+    AE, its plain twin fitted alongside) as report.json plus the t-SNE figures."""
+    import json
+
+    out = tmp_path / name
+    assert main(["fit", name, "--dataset", "test_tiny", "--preset", "tiny", "--device", "cpu",
+                 "--report", "--report-n", "60", "--out", str(out)]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    for k in keys:
+        assert k in rep, k
+    for f in rep.get("figures", []):
+        assert Path(f).stat().st_size > 1000
+    if name == "test_semantic_ae":
+        assert 0 <= rep["plain"]["linear_probe_accuracy"] <= 1
+        assert (out / "tsne_latents.png").exists()
+    if name == "test_aae_detector":
+        for k in ("gaussian_noise", "pgd_on_classifier"):
+            assert 0 <= rep[k]["auroc"] <= 1 and rep[k]["n_clean"] == 60
+    if name == "test_srd":
+        assert rep["purified_vs_input"]["in_unit_box"] is True
+        assert abs(sum(rep["clusters"]["share_chosen"]) - 1) < 1e-5
+    # a second call reuses the artifact and says so
+    capsys.readouterr()
+    assert main(["fit", name, "--dataset", "test_tiny", "--preset", "tiny", "--device",
+                 "cpu"]) == 0
+    assert "reused cached artifact" in capsys.readouterr().err
