@@ -11,7 +11,6 @@ import logging
 from typing import Any, ClassVar
 
 import torch
-import torchattacks
 from torch import nn
 
 from attacks.base import Attack, AttackResult
@@ -45,6 +44,8 @@ class PGD(Attack):
 
     def make(self, model: nn.Module, eps: float) -> Any:
         o = self.options
+        import torchattacks  # imported when used: a fully cached re-run never needs it
+
         cls = torchattacks.PGD if self.threat == "linf" else torchattacks.PGDL2
         return cls(model, eps=eps, alpha=o["rel_stepsize"] * eps, steps=o["steps"],
                    random_start=o["random_start"])
@@ -80,6 +81,8 @@ class CW(Attack):
 
     def run(self, model, images, labels, eps):
         o = self.options
+        import torchattacks
+
         atk = _prepare(torchattacks.CW(model, c=o["c"], kappa=o["kappa"], steps=o["steps"],
                                        lr=o["lr"]), images)
         return AttackResult(adv=atk(images, labels), iterations=o["steps"])
