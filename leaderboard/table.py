@@ -89,6 +89,9 @@ def build_records(store: ResultStore) -> list[dict[str, Any]]:
                     cost["wall_time"] += c.wall_time or 0.0
                     for f in c.flags:
                         flags.setdefault(f["code"], {**f, "attacks": []})["attacks"].append(attack)
+            for f in flags.values():  # raised on every cell: a property of the defense
+                if len(per_attack) > 1 and set(f["attacks"]) == set(per_attack):
+                    f["attacks"] = ["all attacks"]
             fpr = float(base["clean_flagged"].fillna(0).mean())
             records.append({
                 "dataset": dataset, "threat": threat, "eps": float(eps), "defense": defense,
@@ -137,6 +140,7 @@ def build_tables(store: ResultStore, *, per_attack: bool = True, show_cost: bool
     for (dataset, threat, eps), rs in groups.items():
         rs = sorted(rs, key=lambda r: (-r["worst_case"]["accuracy"], -r["clean"]["accuracy"]))
         attacks = list(dict.fromkeys(a for r in rs for a in r["attacks"]))
+        has_fpr = any(r["detector_fpr"] is not None for r in rs)
         rows = []
         for rk, r in zip(rank(rs), rs):
             row = {"Rank": rk, "Defense": r["defense"], "Clean %": _fmt(r["clean"])}
@@ -146,8 +150,9 @@ def build_tables(store: ResultStore, *, per_attack: bool = True, show_cost: bool
                     row[f"{a} %"] = ("" if acc is None else _fmt(acc) if acc["complete"]
                                      else f"({acc['n_attacked']} attacked)")
             row["Worst case %"] = _fmt(r["worst_case"])
-            if r["detector_fpr"] is not None:
-                row["Detector FPR %"] = f"{100 * r['detector_fpr']:.1f}"
+            if has_fpr:  # detectors' clean false-positive rate; "-" for the other defenses
+                row["Detector FPR %"] = ("-" if r["detector_fpr"] is None
+                                         else f"{100 * r['detector_fpr']:.1f}")
             if show_cost:
                 row["Fwd passes"] = r["cost"]["forward_passes"]
                 row["Bwd passes"] = r["cost"]["backward_passes"]
