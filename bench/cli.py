@@ -207,9 +207,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = runner.run()
     _info(f"{summary.cells_computed} cells computed, {summary.cells_reused} reused "
           f"({summary.batches_computed} batches) in {summary.wall_time:.1f} s")
-    tables = build_tables(runner.store, show_cost=args.show_cost)
+    tables = build_tables(runner.store, show_cost=args.show_cost, keys=summary.keys)
     print(to_markdown(tables))
-    out = write_all(runner.store, runner.run_dir / "leaderboard", show_cost=args.show_cost)
+    out = write_all(runner.store, runner.run_dir / "leaderboard", show_cost=args.show_cost,
+                    keys=summary.keys)
     _info(f"tables written to {out['markdown'].parent}")
     del dataclasses
     return 0

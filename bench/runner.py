@@ -70,6 +70,9 @@ class RunSummary:
     batches_computed: int = 0
     wall_time: float = 0.0
     errors: list[str] = field(default_factory=list)
+    #: the cell keys of THIS config (computed or reused): what its leaderboard shows, even when
+    #: the run directory also holds cells of an earlier, different config
+    keys: list[str] = field(default_factory=list)
 
 
 def _hash(obj: Any) -> str:
@@ -337,6 +340,7 @@ class MatrixRunner:
                 spec["depends_on"] = list(deps)
                 subset = self._still_robust(deps, clean_scored, len(y_all))
             key = _hash(spec)
+            summary.keys.append(key)
             if plan.attack is not None:
                 prior_keys.setdefault((plan.threat, plan.eps), []).append(key)
             existing = self.store.cell(key)

@@ -551,7 +551,7 @@ def run_sweep(entry_path: str | Path, eps_values: list[float], *,
     from bench.config import config_from_dict
     from bench.data import dataset_info
     from bench.runner import MatrixRunner
-    from leaderboard.entries import CellSubset, read_entry, write_entry
+    from leaderboard.entries import read_entry, write_entry
     from leaderboard.table import build_records
 
     entry = read_entry(entry_path)
@@ -586,7 +586,7 @@ def run_sweep(entry_path: str | Path, eps_values: list[float], *,
                     c.spec.get("attack") == spec.name and c.spec.get("attack_options") ==
                     spec.options and c.threat == entry["threat"]
                     and round(float(c.eps), 8) in wanted))]
-    recs = build_records(CellSubset(runner.store, keys))
+    recs = build_records(runner.store, keys)
     points = sorted(({"eps": r["eps"], "clean": r["clean"],
                       "robust": next(iter(r["attacks"].values())),
                       "worst_case": r["worst_case"]} for r in recs), key=lambda p: p["eps"])
@@ -595,7 +595,7 @@ def run_sweep(entry_path: str | Path, eps_values: list[float], *,
     entry["sweep"] = {"attack": a["label"], "attack_spec": a, "threat": entry["threat"],
                       "points": points}
     own = [prov["clean_cell_key"]] + [v["cell_key"] for v in entry["attacks"].values()]
-    cell_flags = [r["flags"] for r in build_records(CellSubset(runner.store, own))
+    cell_flags = [r["flags"] for r in build_records(runner.store, own)
                   if r["threat"] == entry["threat"] and abs(r["eps"] - entry["eps"]) < 1e-9]
     entry["flags"] = ([f for f in entry["flags"] if f.get("source") == "validation"]
                       + (cell_flags[0] if cell_flags else [f for f in entry["flags"]

@@ -86,7 +86,7 @@ def verify_entry(path: str | Path, *, rerun: int = 2, seed: int = 0, device: str
     from bench.runner import Scored, attack_batch, create_attack, load_adv, score
     from bench.store import ResultStore
     from bench.submit import build_entry_defense, resolve_run_dir
-    from leaderboard.entries import CellSubset, consistent_accuracy, entry_digest, read_entry
+    from leaderboard.entries import consistent_accuracy, entry_digest, read_entry
     from leaderboard.table import Accuracy, build_records
 
     entry = read_entry(path)
@@ -115,7 +115,7 @@ def verify_entry(path: str | Path, *, rerun: int = 2, seed: int = 0, device: str
                 f"store {run_dir} (stale entry or a different run)")
         recs = []
     else:
-        recs = [r for r in build_records(CellSubset(store, keys))
+        recs = [r for r in build_records(store, keys)
                 if r["threat"] == entry["threat"] and abs(r["eps"] - entry["eps"]) < 1e-9]
     if recs:
         r = recs[0]

@@ -71,22 +71,6 @@ def entry_filename(entry: dict[str, Any]) -> str:
 
 
 # building entries from a run -----------------------------------------------------------------
-class CellSubset:
-    """A read view of a store restricted to some cell keys, so :func:`build_records` (the one
-    place the worst case is computed) scores exactly one submission's cells."""
-
-    def __init__(self, store: Any, keys: Iterable[str]) -> None:
-        self.store = store
-        self.keys = set(keys)
-
-    def samples_frame(self) -> pd.DataFrame:
-        df = self.store.samples_frame()
-        return df[df["cell_key"].isin(self.keys)]
-
-    def cells(self, status: str | None = "done") -> list:
-        return [c for c in self.store.cells(status) if c.key in self.keys]
-
-
 def _sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -107,7 +91,7 @@ def build_entries(store: Any, cells: list, *, metadata: dict[str, Any], run_dir:
     if not clean:
         raise EntryError("no finished clean cell among the submission's cells; the run did not "
                          "complete: run the same command again to resume it")
-    records = build_records(CellSubset(store, by_key))
+    records = build_records(store, by_key)
     entries = []
     for rec in records:
         attack_cells = [c for c in cells if c.attack != "clean" and c.dataset == rec["dataset"]

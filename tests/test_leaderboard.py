@@ -54,3 +54,18 @@ def test_overlapping_intervals_share_a_rank():
 def test_wilson_contains_the_estimate(k, n):
     lo, hi = wilson_interval(k, n)
     assert 0 <= lo <= k / n <= hi <= 1
+
+
+def test_a_reconfigured_cell_supersedes_the_old_one(tmp_path):
+    """A run directory run again after an attack's configuration changed holds the old and the
+    new cell under the same labels: the leaderboard uses the newest (or exactly the keys a run
+    passes), never a mix of both."""
+    store = ResultStore(tmp_path / "r.sqlite")
+    _fill(store, "clean", [1, 1, 1, 1], "k0")
+    _fill(store, "a1", [1, 1, 1, 1], "old")  # e.g. PGD-10
+    _fill(store, "a1", [0, 0, 1, 1], "new")  # the same label after steps: 100
+    (rec,) = build_records(store)
+    assert rec["attacks"]["a1"]["accuracy"] == 0.5 and rec["worst_case"]["accuracy"] == 0.5
+    (rec,) = build_records(store, keys=["k0", "old"])  # what a run of the old config shows
+    assert rec["attacks"]["a1"]["accuracy"] == 1.0
+    assert build_records(store, keys=[]) == []
