@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", help="where to write the tables [<run-dir>/leaderboard]")
     lb.add_argument("--worst-case-only", action="store_true", help="hide per-attack columns")
     lb.add_argument("--show-cost", action="store_true", help="add pass counts and wall time")
+    lb.add_argument("--short-flags", action="store_true",
+                    help="print flag codes only (the files keep what was seen and what to try)")
 
     f = sub.add_parser("fit", help="train a defense's trainable parts (cached by content)")
     f.add_argument("defense")
@@ -258,7 +260,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     from leaderboard.table import build_tables
 
     store = ResultStore(Path(args.run_dir) / "results.sqlite", readonly=True)
-    tables = build_tables(store, per_attack=not args.worst_case_only, show_cost=args.show_cost)
+    tables = build_tables(store, per_attack=not args.worst_case_only, show_cost=args.show_cost,
+                          flag_detail=not args.short_flags)
     if not tables:
         _info(f"no finished cells in {args.run_dir} yet")
         return 0

@@ -400,7 +400,8 @@ def matrix_checks(store, *, reference: Mapping | None = None,
                   blackbox_tol: float = 0.002) -> dict[str, list[dict]]:
     """Checks across the finished cells of ``store``; returns {cell key: flags} (flags carry
     ``scope: "matrix"``). :meth:`ResultStore.set_flags` stores them."""
-    cells = [c for c in store.cells("done")]
+    current = store.current_keys()  # not the superseded cells of an earlier configuration
+    cells = [c for c in store.cells("done") if c.key in current]
     samples = {c.key: {r["sample_id"]: r for r in store.samples(c.key)} for c in cells}
     out: dict[str, list[dict]] = {}
 

@@ -229,6 +229,19 @@ class ResultStore:
         return [dict(r) for r in self.conn.execute(
             "SELECT * FROM batches WHERE cell_key=? ORDER BY batch", (key,))]
 
+    def current_keys(self) -> set[str]:
+        """The newest finished cell per (dataset, defense, attack, threat, eps): a run directory
+        run again after a defense's or an attack's configuration changed holds the old cells and
+        the new ones under the same labels; only the newest are current (tables, matrix flags)."""
+        newest: dict[tuple, tuple[float, str]] = {}
+        for key, *ident, finished in self.conn.execute(
+                "SELECT key, dataset, defense, attack, threat, eps, COALESCE(finished, created) "
+                "FROM cells WHERE status='done' ORDER BY created"):
+            ident = (*ident[:4], round(float(ident[4]), 8))
+            if ident not in newest or (finished or 0) >= newest[ident][0]:
+                newest[ident] = (finished or 0, key)
+        return {k for _, k in newest.values()}
+
     def samples_frame(self):
         """All samples of finished cells joined with their cell columns (a pandas DataFrame)."""
         import pandas as pd

@@ -53,30 +53,16 @@ def _group_key(row) -> tuple[str, str, float]:
     return (row["dataset"], row["threat"], round(float(row["eps"]), 8))
 
 
-def current_keys(store: ResultStore) -> set[str]:
-    """The newest finished cell per (dataset, defense, attack, threat, eps): a run directory
-    that was run again after a defense's or an attack's configuration changed holds both the
-    old cells and the new ones under the same labels; only the newest are current."""
-    newest: dict[tuple, tuple[float, str]] = {}
-    for key, *ident, finished in store.conn.execute(
-            "SELECT key, dataset, defense, attack, threat, eps, COALESCE(finished, created) "
-            "FROM cells WHERE status='done'"):
-        ident = (*ident[:4], round(float(ident[4]), 8))
-        if ident not in newest or (finished or 0) >= newest[ident][0]:
-            newest[ident] = (finished or 0, key)
-    return {k for _, k in newest.values()}
-
-
 def build_records(store: ResultStore, keys: Iterable[str] | None = None
                   ) -> list[dict[str, Any]]:
     """One record per (dataset, threat, eps, defense): numbers stay numbers until rendering.
 
     ``keys``: the cells to use (a run's own, :attr:`bench.runner.RunSummary.keys`); default:
-    the current cells of the store (:func:`current_keys`)."""
+    the current cells of the store (:meth:`ResultStore.current_keys`)."""
     df = store.samples_frame()
     if df.empty:
         return []
-    df = df[df["cell_key"].isin(set(keys) if keys is not None else current_keys(store))]
+    df = df[df["cell_key"].isin(set(keys) if keys is not None else store.current_keys())]
     if df.empty:
         return []
     cells = {c.key: c for c in store.cells("done")}
@@ -151,7 +137,8 @@ def rank(records: list[dict[str, Any]]) -> list[int | str]:
 
 
 def build_tables(store: ResultStore, *, per_attack: bool = True, show_cost: bool = False,
-                 keys: Iterable[str] | None = None) -> dict[str, pd.DataFrame]:
+                 keys: Iterable[str] | None = None, flag_detail: bool = True
+                 ) -> dict[str, pd.DataFrame]:
     """Display tables keyed by "dataset | threat eps" (strings are made only here)."""
     recs = build_records(store, keys)
     groups: dict[tuple, list[dict]] = {}
@@ -178,7 +165,8 @@ def build_tables(store: ResultStore, *, per_attack: bool = True, show_cost: bool
                 row["Fwd passes"] = r["cost"]["forward_passes"]
                 row["Bwd passes"] = r["cost"]["backward_passes"]
                 row["Wall s"] = round(r["cost"]["wall_time"], 1)
-            row["Flags"] = format_flags(r["flags"])  # code [attacks]: seen (try: ...)
+            # code [attacks]: seen (try: ...), or the codes alone
+            row["Flags"] = format_flags(r["flags"], detail=flag_detail)
             rows.append(row)
         tables[f"{dataset} | {_eps_label(threat, eps)}"] = pd.DataFrame(rows)
     return tables
