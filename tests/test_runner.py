@@ -114,3 +114,44 @@ def test_adversarial_check_is_independent_of_the_attack():
     assert torch.equal(fixed, x) and (norm == 0).all()
     with pytest.raises(AttackContractError, match="NaN"):
         check_adversarials(x * float("nan"), x, 8 / 255, "linf", False, "bad")
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_every_seed_defense_fits_and_runs_in_the_matrix_on_imagenet10(shared_data, tmp_path):
+    """ImageNet-10 (the local Imagenette tree) at a configurable resolution (32 px here): every
+    seed defense is fitted by the harness (tiny settings, 200-300 training images) and evaluated
+    by the matrix runner, with the adaptive attacks its structure calls for."""
+    from bench.config import config_from_dict
+
+    if not (shared_data / "imagenette-224").is_dir():
+        pytest.skip("no Imagenette tree in the shared data folder")
+    small_clf = {"classifier": "test_tiny_cnn@tiny", "epochs": 1, "widths": [16, 32],
+                 "latent_dim": 16, "hidden_dim": 64, "batch_size": 50}
+    at = {"arch": "test_tiny_cnn", "epochs": 1, "batch_size": 100, "train_limit": 200}
+    cfg = config_from_dict({
+        "name": "in10", "datasets": [{"name": "imagenet10", "n": 20, "resolution": 32}],
+        "defenses": [
+            {"name": "pgd_at", **at}, {"name": "spat", **at},
+            {"name": "semantic_ae", **small_clf, "train_limit": 200},
+            {"name": "aae_detector", **small_clf, "train_limit": 300, "disc_hidden": 64,
+             "calibration_fraction": 0.2},
+            {"name": "srd", **at, "batch_size": 50, "num_filters": 8, "filter_size": 6,
+             "dict_iterations": 4, "dict_images_per_cluster": 32, "coding_iterations": 10,
+             "max_clusters": 2, "kmeans_init": 2}],
+        "attacks": [{"name": "test_pgd"}], "threat_models": {"linf": []}, "batch_size": 20,
+        "fit_preset": "tiny", "device": "cpu", "run_dir": str(tmp_path / "run")})
+    summary = MatrixRunner(cfg, progress=False, log=lambda m: None).run()
+    assert not summary.errors
+    store = ResultStore(tmp_path / "run" / "results.sqlite")
+    recs = {r["defense"]: r for r in build_records(store)}
+    assert set(recs) == {"pgd_at", "spat", "semantic_ae", "aae_detector", "srd"}
+    for r in recs.values():
+        assert r["dataset"] == "imagenet10" and r["eps"] == pytest.approx(4 / 255)
+        assert r["n"] == 20 and 0 <= r["worst_case"]["accuracy"] <= r["clean"]["accuracy"]
+    assert {"bpda+test_pgd", "transfer test_pgd"} <= set(recs["srd"]["attacks"])
+    assert {"bpda+test_pgd", "wrong-label latent"} <= set(recs["semantic_ae"]["attacks"])
+    assert {"detector-aware test_pgd", "reject-class test_pgd"} <= set(
+        recs["aae_detector"]["attacks"])
+    clean = [c for c in store.cells() if c.attack == "clean"]
+    assert all(c.provenance["artifact"]["artifact_sha256"] for c in clean)
