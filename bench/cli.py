@@ -172,7 +172,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.config import PRESETS_DIR, config_from_dict
     from bench.runner import MatrixRunner
     from leaderboard.formats import to_markdown, write_all
-    from leaderboard.table import build_tables
+    from leaderboard.table import build_records, build_tables
 
     from bench.config import ConfigError, load_config
 
@@ -209,10 +209,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     summary = runner.run()
     _info(f"{summary.cells_computed} cells computed, {summary.cells_reused} reused "
           f"({summary.batches_computed} batches) in {summary.wall_time:.1f} s")
-    tables = build_tables(runner.store, show_cost=args.show_cost, keys=summary.keys)
-    print(to_markdown(tables))
+    records = build_records(runner.store, summary.keys)  # this config's cells only
+    print(to_markdown(build_tables(runner.store, show_cost=args.show_cost, records=records)))
     out = write_all(runner.store, runner.run_dir / "leaderboard", show_cost=args.show_cost,
-                    keys=summary.keys)
+                    records=records)
     _info(f"tables written to {out['markdown'].parent}")
     del dataclasses
     return 0
@@ -257,17 +257,19 @@ def _first_line(doc: str | None) -> str:
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.store import ResultStore
     from leaderboard.formats import to_markdown, write_all
-    from leaderboard.table import build_tables
+    from leaderboard.table import build_records, build_tables
 
     store = ResultStore(Path(args.run_dir) / "results.sqlite", readonly=True)
+    records = build_records(store)
     tables = build_tables(store, per_attack=not args.worst_case_only, show_cost=args.show_cost,
-                          flag_detail=not args.short_flags)
+                          flag_detail=not args.short_flags, records=records)
     if not tables:
         _info(f"no finished cells in {args.run_dir} yet")
         return 0
     print(to_markdown(tables))
     out = Path(args.out) if args.out else Path(args.run_dir) / "leaderboard"
-    write_all(store, out, per_attack=not args.worst_case_only, show_cost=args.show_cost)
+    write_all(store, out, per_attack=not args.worst_case_only, show_cost=args.show_cost,
+              records=records)
     _info(f"tables written to {out}")
     return 0
 
@@ -320,8 +322,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
             twin, _ = prepare_defense(twin_name, options, dataset=args.dataset,
                                       dataset_options=ds_opts, device=device,
                                       preset=args.preset, progress=True, log=_info)
-        load_kw = {k: v for k, v in ds_opts.items() if k in ("root", "resolution")}
-        data = load_eval(args.dataset, args.report_n, **load_kw)
+        data = load_eval(args.dataset, args.report_n, **ds_opts)
         rep = defense.report(data, out, twin=twin)
         import json
 

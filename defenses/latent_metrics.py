@@ -269,9 +269,10 @@ def semantic_ae_report(defense: Any, data: Any, *, plain: Any = None, batch_size
 # reports of the other defenses (``robustmatrix fit DEFENSE --report``)
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def _batched(fn: Any, images: torch.Tensor, device: torch.device, batch_size: int = 256
-             ) -> torch.Tensor:
-    return torch.cat([fn(images[i:i + batch_size].to(device)).float().cpu()
+def batched_apply(fn: Any, images: torch.Tensor, device: torch.device,
+                  batch_size: int = 256) -> torch.Tensor:
+    """``fn`` over ``images`` in batches on ``device`` without gradients; results on the CPU."""
+    return torch.cat([fn(images[i:i + batch_size].float().to(device)).cpu()
                       for i in range(0, len(images), batch_size)])
 
 
@@ -284,9 +285,9 @@ def purification_report(defense: Any, data: Any, *, batch_size: int = 256) -> di
         raise TypeError(f"{type(defense).__name__} has no preprocessor")
     images, labels = data.images.float(), data.labels.long()
     device = next(defense.parameters()).device
-    purified = _batched(pre, images, device, batch_size)
-    raw_pred = _batched(defense.classifier, images, device, batch_size).argmax(1)
-    pur_pred = _batched(defense.classifier, purified, device, batch_size).argmax(1)
+    purified = batched_apply(pre, images, device, batch_size)
+    raw_pred = batched_apply(defense.classifier, images, device, batch_size).argmax(1)
+    pur_pred = batched_apply(defense.classifier, purified, device, batch_size).argmax(1)
     return {"n": int(len(images)),
             "purified_vs_input": {"psnr": float(psnr(purified, images).clamp(max=100.0).mean()),
                                   "ssim": float(ssim(purified, images).mean()),
@@ -298,19 +299,17 @@ def purification_report(defense: Any, data: Any, *, batch_size: int = 256) -> di
 
 def pgd_transfer_images(model: Any, data: Any, *, eps: float = 8 / 255, steps: int = 10,
                         seed: int = 0, batch_size: int = 256) -> torch.Tensor:
-    """PGD (Linf, torchattacks, seeded) adversarials against ``model`` (e.g. a defense's bare
-    classifier): the non-adaptive images a detector report measures detection on."""
-    import torchattacks
+    """Adversarials of the registered ``pgd`` attack (Linf, seeded) against ``model`` (e.g. a
+    defense's bare classifier): the non-adaptive images a detector report measures detection
+    on."""
+    from bench.registry import create_attack
 
     device = next(model.parameters()).device
-    out = []
-    torch.manual_seed(seed)
-    atk = torchattacks.PGD(model, eps=eps, alpha=2.5 * eps / steps, steps=steps,
-                           random_start=True)
-    for i in range(0, len(data.labels), batch_size):
-        out.append(atk(data.images[i:i + batch_size].float().to(device),
-                       data.labels[i:i + batch_size].long().to(device)).cpu())
-    return torch.cat(out)
+    attack = create_attack("pgd", threat="linf", steps=steps, seed=seed)
+    return torch.cat([attack(model, data.images[i:i + batch_size].float().to(device),
+                             data.labels[i:i + batch_size].long().to(device), eps,
+                             seed=seed).adv.cpu()
+                      for i in range(0, len(data.labels), batch_size)])
 
 
 def detector_report(defense: Any, data: Any, *, figure_path: str | Path | None = None,
@@ -334,8 +333,8 @@ def detector_report(defense: Any, data: Any, *, figure_path: str | Path | None =
     aae = getattr(defense, "aae", None)
     if aae is not None:
         device = next(aae.parameters()).device
-        z_clean = _batched(aae.encode, images, device)
-        z_adv = _batched(aae.encode, adv, device)
+        z_clean = batched_apply(aae.encode, images, device)
+        z_adv = batched_apply(aae.encode, adv, device)
         report["prior_distance_clean_codes"] = prior_distance(z_clean, aae.prior, seed=seed)
         if figure_path is not None:
             paths = tsne_figure({"AAE codes, clean": (z_clean, labels),

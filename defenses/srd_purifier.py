@@ -496,14 +496,11 @@ class SRDDefense(FitStateMixin, Defense):
         """On clean ``data``: PSNR/SSIM of the purified images against their input, the robust
         model's accuracy on raw vs purified images, how the clusters are used (share of images
         per chosen cluster), and the fit's clustering figures when this process fitted it."""
-        from defenses.latent_metrics import purification_report
+        from defenses.latent_metrics import batched_apply, purification_report
 
         rep = purification_report(self, data)
         p = self.purifier
-        device = next(self.parameters()).device
-        with torch.no_grad():
-            chosen = torch.cat([p.nearest_cluster(data.images[i:i + 256].float().to(device)).cpu()
-                                for i in range(0, len(data.labels), 256)])
+        chosen = batched_apply(p.nearest_cluster, data.images, next(self.parameters()).device)
         counts = torch.bincount(chosen, minlength=p.num_clusters)
         rep["clusters"] = {"count": int(p.num_clusters),
                            "per_class": torch.bincount(p.cluster_class.cpu(),

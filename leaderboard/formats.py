@@ -33,14 +33,16 @@ def to_markdown(tables: dict) -> str:
 
 
 def write_all(store: ResultStore, out_dir: Path, *, per_attack: bool = True,
-              show_cost: bool = False, keys=None) -> dict[str, Path]:
+              show_cost: bool = False, keys=None, records=None) -> dict[str, Path]:
+    """Markdown, JSON and CSV tables of ``store`` (its cells ``keys``, or its current cells),
+    from ``records`` when the caller already built them."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keys = list(keys) if keys is not None else None
-    tables = build_tables(store, per_attack=per_attack, show_cost=show_cost, keys=keys)
+    records = records if records is not None else build_records(store, keys)
+    tables = build_tables(store, per_attack=per_attack, show_cost=show_cost, records=records)
     paths = {"markdown": out_dir / "leaderboard.md", "json": out_dir / "leaderboard.json"}
     paths["markdown"].write_text(to_markdown(tables))
-    paths["json"].write_text(json.dumps(build_records(store, keys), indent=2, default=str))
+    paths["json"].write_text(json.dumps(records, indent=2, default=str))
     for title, df in tables.items():
         p = out_dir / f"leaderboard_{_file_slug(title)}.csv"
         df.to_csv(p, index=False)

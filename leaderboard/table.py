@@ -60,8 +60,6 @@ def build_records(store: ResultStore, keys: Iterable[str] | None = None
     ``keys``: the cells to use (a run's own, :attr:`bench.runner.RunSummary.keys`); default:
     the current cells of the store (:meth:`ResultStore.current_keys`)."""
     df = store.samples_frame()
-    if df.empty:
-        return []
     df = df[df["cell_key"].isin(set(keys) if keys is not None else store.current_keys())]
     if df.empty:
         return []
@@ -137,10 +135,11 @@ def rank(records: list[dict[str, Any]]) -> list[int | str]:
 
 
 def build_tables(store: ResultStore, *, per_attack: bool = True, show_cost: bool = False,
-                 keys: Iterable[str] | None = None, flag_detail: bool = True
-                 ) -> dict[str, pd.DataFrame]:
-    """Display tables keyed by "dataset | threat eps" (strings are made only here)."""
-    recs = build_records(store, keys)
+                 keys: Iterable[str] | None = None, flag_detail: bool = True,
+                 records: list[dict[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
+    """Display tables keyed by "dataset | threat eps" (strings are made only here), from
+    ``records`` when the caller already built them (:func:`build_records`)."""
+    recs = records if records is not None else build_records(store, keys)
     groups: dict[tuple, list[dict]] = {}
     for r in recs:
         groups.setdefault((r["dataset"], r["threat"], r["eps"]), []).append(r)
