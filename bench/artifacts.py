@@ -142,13 +142,20 @@ def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
         if not allow_fit:
             raise ArtifactError(f"defense '{name}' is not fitted for {dataset}; run "
                                 f"`robustmatrix fit {name} --dataset {dataset}` first")
+        fit_kw: dict[str, Any] = {}
+        resume = path.with_name(path.stem + ".resume.pt")
+        if _accepts(defense.fit, "checkpoint"):
+            fit_kw["checkpoint"] = resume
+            if resume.exists():
+                log(f"resuming the fit of {name} from {resume}")
         log(f"fitting {name} on {dataset} ({preset} preset); the artifact is cached for reuse")
         t0 = time.perf_counter()
         defense.train()
-        defense.fit(train, preset=preset, device=device, progress=progress)
+        defense.fit(train, preset=preset, device=device, progress=progress, **fit_kw)
         defense.fitted = True
         info["fit_seconds"] = time.perf_counter() - t0
         save_artifact(defense, path, meta)
+        resume.unlink(missing_ok=True)
     info.update(artifact=str(path), artifact_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     defense.eval()
     return defense, info

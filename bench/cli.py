@@ -113,10 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--short-flags", action="store_true",
                     help="print flag codes only (the files keep what was seen and what to try)")
 
+    from bench.config import FIT_PRESETS
+
     f = sub.add_parser("fit", help="train a defense's trainable parts (cached by content)")
     f.add_argument("defense")
     f.add_argument("--dataset", default="cifar10")
-    f.add_argument("--preset", default="quick", choices=["tiny", "quick", "full"])
+    f.add_argument("--preset", default="quick", choices=list(FIT_PRESETS))
     f.add_argument("--resolution", type=int, help="image size (ImageNet-10)")
     f.add_argument("--data-root")
     f.add_argument("--device", default="auto")

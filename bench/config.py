@@ -40,6 +40,10 @@ class ConfigError(ValueError):
         super().__init__(one_line(message))
 
 
+#: the fit scales (EVALUATION.md "Scales"); each trainable defense maps them to its settings
+FIT_PRESETS = ("tiny", "quick", "standard", "full")
+
+
 @dataclass
 class ComponentSpec:
     """A registry name plus options; ``label`` is the name shown in tables."""
@@ -321,8 +325,8 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
         raise ConfigError(f"schedule: expected one of {list(SCHEDULES)}, got {schedule!r}")
     cfg.schedule = schedule
     fp = raw.get("fit_preset", "quick")
-    if fp not in ("quick", "full", "tiny"):
-        raise ConfigError(f"fit_preset: expected quick, full or tiny, got {fp!r}")
+    if fp not in FIT_PRESETS:
+        raise ConfigError(f"fit_preset: expected one of {', '.join(FIT_PRESETS)}, got {fp!r}")
     cfg.fit_preset = fp
     adaptive = raw.get("adaptive", True)
     if isinstance(adaptive, dict):

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -56,16 +57,23 @@ from bench.registry import DEFENSES
 from defenses.base import Defense
 
 #: training presets; ``step_size_factor`` is the PGD step as a fraction of eps
+_COMMON = {"precision": "fp32", "val_images": 0, "val_steps": 10}
 AT_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"steps": 1, "step_size_factor": 1.25, "random_start": True, "epochs": 3,
              "batch_size": 64, "lr": 0.1, "weight_decay": 5e-4, "schedule": "onecycle",
-             "train_limit": None, "spat_classes": None},
+             "train_limit": None, "spat_classes": None, **_COMMON},
     "quick": {"steps": 1, "step_size_factor": 1.25, "random_start": True, "epochs": 2,
               "batch_size": 128, "lr": 0.05, "weight_decay": 5e-4, "schedule": "onecycle",
-              "train_limit": 5000, "spat_classes": None},
+              "train_limit": 5000, "spat_classes": None, **_COMMON},
+    # the CPU reference scale (EVALUATION.md "Scales"): fast AT on the whole train split in
+    # bfloat16 autocast, a held-out PGD-10 check every epoch, the best epoch kept, resumable
+    "standard": {"steps": 1, "step_size_factor": 1.25, "random_start": True, "epochs": 10,
+                 "batch_size": 128, "lr": 0.1, "weight_decay": 5e-4, "schedule": "onecycle",
+                 "train_limit": None, "spat_classes": 3, "precision": "bf16",
+                 "val_images": 500, "val_steps": 10},
     "full": {"steps": 10, "step_size_factor": 0.25, "random_start": True, "epochs": 40,
              "batch_size": 128, "lr": 0.2, "weight_decay": 5e-4, "schedule": "onecycle",
-             "train_limit": None, "spat_classes": None},
+             "train_limit": None, "spat_classes": None, **_COMMON, "val_images": 1000},
 }
 
 #: architecture per (dataset, preset); a dataset's ``None`` entry is its default
@@ -76,6 +84,7 @@ DEFAULT_ARCH: dict[str, dict[str | None, str]] = {
 }
 
 METHODS = ("pgd", "spat")
+PRECISIONS = ("fp32", "bf16")
 
 #: clean pretrained weights that ``init="auto"`` fine-tunes from, except with preset "full"
 #: (which trains from scratch, the standard recipe)
@@ -137,19 +146,35 @@ def _rank(s: torch.Tensor) -> torch.Tensor:
     return (ranks / max(1, flat.shape[1] - 1)).view_as(s)
 
 
-WEIGHT_NORMALISERS = ("minmax", "rank")
+def _mean_one(s: torch.Tensor, cap: float, floor: float) -> torch.Tensor:
+    """Per-sample rescaling to mean 1, capped at ``cap``, mixed with a uniform ``floor``:
+    ``floor + (1 - floor) * min(s / mean(s), cap)`` renormalised to mean 1 again. The step
+    budget (mean |step|) equals PGD's; the weights only move it between pixels."""
+    flat = s.flatten(1)
+    mean = flat.mean(1, keepdim=True)
+    w = torch.where(mean > 1e-12, flat / mean.clamp_min(1e-12), torch.ones_like(flat))
+    w = w.clamp(max=float(cap))
+    w = w / w.mean(1, keepdim=True).clamp_min(1e-12)
+    w = float(floor) + (1.0 - float(floor)) * w
+    return w.view_as(s)
+
+
+WEIGHT_NORMALISERS = ("minmax", "rank", "mean1")
 
 
 def shared_pixel_weights(model: nn.Module, x: torch.Tensor, *, classes: list[int] | None = None,
-                         reduce_channels: bool = False, normalise: str = "minmax"
-                         ) -> torch.Tensor:
-    """SPAT's shared-pixel weights W in [0, 1], same shape as ``x`` [reconstruction].
+                         reduce_channels: bool = False, normalise: str = "minmax",
+                         cap: float = 4.0, floor: float = 0.25) -> torch.Tensor:
+    """SPAT's shared-pixel weights W, same shape as ``x`` [reconstruction].
 
     S_k = |grad_x z_k(x)| per class logit k (in ``classes``, default all), min-max normalised
-    per sample; W = min_k S_k, renormalised per sample to [0, 1] (``normalise``: "minmax", or
-    "rank" for the percentile rank). One forward and one backward
-    pass per class. Call with the model in eval mode (batch-norm statistics in train mode
-    couple the samples of a batch).
+    per sample; W = min_k S_k, then per sample (``normalise``): "minmax" renormalises to
+    [0, 1] (the raw shared-pixel map; as a step weight it SHRINKS the attack, mean ~0.07 on
+    CIFAR-10), "rank" takes the percentile rank (uniform on [0, 1]), "mean1" (the training
+    default) rescales to mean 1 capped at ``cap`` and mixed with a uniform ``floor``
+    (:func:`_mean_one`), so a step weighted by W has PGD's budget, redistributed onto the
+    shared pixels. One forward and one backward pass per class. Call with the model in eval
+    mode (batch-norm statistics in train mode couple the samples of a batch).
     """
     if normalise not in WEIGHT_NORMALISERS:
         raise ValueError(f"normalise must be one of {WEIGHT_NORMALISERS}, got {normalise!r}")
@@ -164,7 +189,12 @@ def shared_pixel_weights(model: nn.Module, x: torch.Tensor, *, classes: list[int
                 g = g.amax(1, keepdim=True)
             s = _minmax(g)
             W = s if W is None else torch.minimum(W, s)
-    W = _minmax(W) if normalise == "minmax" else _rank(W)
+    if normalise == "minmax":
+        W = _minmax(W)
+    elif normalise == "rank":
+        W = _rank(W)
+    else:
+        W = _mean_one(W, cap, floor)
     return W.expand_as(x).contiguous() if reduce_channels else W
 
 
@@ -227,14 +257,37 @@ def images_and_labels(train: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return images.float(), labels.long()
 
 
+def _robust_accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, eps: float,
+                     steps: int, batch_size: int = 250, seed: int = 0) -> tuple[float, float]:
+    """(clean, PGD-``steps``) accuracy of ``model`` on a held-out set, in fp32, eval mode: the
+    per-epoch guard against catastrophic overfitting (Wong et al. 2020)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    clean = robust = 0
+    for i in range(0, len(labels), batch_size):
+        x, y = images[i:i + batch_size], labels[i:i + batch_size]
+        with torch.no_grad():
+            clean += int((model(x).argmax(1) == y).sum())
+        delta = pgd_perturb(model, x, y, eps=eps, steps=steps, step_size=eps / 4,
+                            random_start=True, generator=gen)
+        with torch.no_grad():
+            robust += int((model(x + delta).argmax(1) == y).sum())
+    n = max(1, len(labels))
+    return clean / n, robust / n
+
+
 def adversarial_train(model: nn.Module, train: Any, *, method: str = "pgd", eps: float,
                       steps: int, step_size: float, random_start: bool = True, epochs: int,
                       batch_size: int = 128, lr: float = 0.1, momentum: float = 0.9,
                       weight_decay: float = 5e-4, schedule: str = "onecycle",
                       crop_padding: int = 4, flip: bool = True, train_limit: int | None = None,
                       spat_classes: int | None = None, spat_reduce_channels: bool = False,
-                      spat_normalise: str = "minmax",
-                      attack_mode: str = "eval", seed: int = 0,
+                      spat_normalise: str = "minmax", spat_cap: float = 4.0,
+                      spat_floor: float = 0.25,
+                      attack_mode: str = "eval", seed: int = 0, precision: str = "fp32",
+                      val: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      val_steps: int = 10, checkpoint: str | Path | None = None,
+                      fingerprint: str = "",
                       device: str | torch.device = "cpu", progress: bool = True,
                       extra_loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None],
                                            torch.Tensor] | None = None,
@@ -255,14 +308,28 @@ def adversarial_train(model: nn.Module, train: Any, *, method: str = "pgd", eps:
     (linear warm-up over the first quarter, then linear decay), ``cosine`` or ``piecewise``
     (x0.1 at 50% and 75%). ``spat_classes``: compute W over a random subset of that many
     classes per batch (None: all). Seeded end to end by ``seed`` (shuffle, augmentation,
-    random starts, class subsets). Returns the per-epoch history; the model ends in eval mode.
+    random starts, class subsets).
+
+    ``precision="bf16"`` runs the training attack and step under CPU/GPU autocast in bfloat16
+    (about 3x faster on a CPU with AVX-512 BF16; the held-out check stays fp32). ``val`` is a
+    held-out ``(images, labels)`` set: after every epoch its clean and PGD-``val_steps``
+    accuracy are measured and the model ends with the weights of the epoch with the best
+    PGD accuracy (the guard against catastrophic overfitting). ``checkpoint``: a file that
+    holds model, optimizer, RNG states, epoch, history and best weights, written atomically
+    after every epoch; a fit started with the same ``fingerprint`` resumes from it and ends
+    with the same weights as an uninterrupted fit (on a CPU). Returns the per-epoch history;
+    the model ends in eval mode.
     """
+    from bench.models.training import load_training_state, save_training_state
+
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if schedule not in ("onecycle", "cosine", "piecewise"):
         raise ValueError(f"schedule must be 'onecycle', 'cosine' or 'piecewise', got {schedule!r}")
     if attack_mode not in ("eval", "train"):
         raise ValueError(f"attack_mode must be 'eval' or 'train', got {attack_mode!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if eps < 0 or steps < 0 or epochs < 1 or batch_size < 1:
         raise ValueError("eps and steps must be >= 0, epochs and batch_size >= 1")
     device = torch.device(device)
@@ -275,12 +342,15 @@ def adversarial_train(model: nn.Module, train: Any, *, method: str = "pgd", eps:
         aux = aux[keep] if aux is not None else None
     images, labels = images.to(device), labels.to(device)
     aux = aux.to(device) if aux is not None else None
+    if val is not None:
+        val = (val[0].float().to(device), val[1].long().to(device))
     num_classes = int(getattr(model, "num_classes", 0) or int(labels.max()) + 1)
     n = len(labels)
     steps_per_epoch = max(1, math.ceil(n / batch_size))
     total = epochs * steps_per_epoch
     gen = torch.Generator().manual_seed(seed)
     model.to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     decay, no_decay = [], []
     for p in model.parameters():
@@ -299,6 +369,20 @@ def adversarial_train(model: nn.Module, train: Any, *, method: str = "pgd", eps:
             return 0.5 * lr * (1 + math.cos(math.pi * frac))
         return lr * (0.1 ** ((frac >= 0.5) + (frac >= 0.75)))
 
+    history: list[dict[str, float]] = []
+    best: dict[str, Any] = {"epoch": 0, "score": -1.0, "state": None}
+    start_epoch = 0
+    if checkpoint is not None:
+        state = load_training_state(checkpoint, fingerprint)
+        if state is not None:
+            model.load_state_dict(state["model"])
+            opt.load_state_dict(state["optimizer"])
+            gen.set_state(state["generator"])
+            torch.set_rng_state(state["torch_rng"])
+            history = list(state["history"])
+            best = dict(state["best"])
+            start_epoch = int(state["epoch"])
+
     captured: dict[str, torch.Tensor] = {}
     handle = None
     if extra_loss is not None:
@@ -307,12 +391,16 @@ def adversarial_train(model: nn.Module, train: Any, *, method: str = "pgd", eps:
             handle = head.register_forward_pre_hook(
                 lambda _m, inp: captured.__setitem__("features", inp[0]))
 
-    history: list[dict[str, float]] = []
     label = desc or f"{method}-AT {getattr(model, 'arch', type(model).__name__)}"
-    bar = tqdm(total=total, desc=label, unit="step", disable=not progress, leave=False)
-    it = 0
+    bar = tqdm(total=total, initial=start_epoch * steps_per_epoch, desc=label, unit="step",
+               disable=not progress, leave=False)
+    it = start_epoch * steps_per_epoch
+    shown: dict[str, str] = {}
+    if history:
+        last = history[-1]
+        shown = {k: f"{last[k]:.3f}" for k in ("val_clean", "val_pgd") if k in last}
     try:
-        for epoch in range(epochs):
+        for epoch in range(start_epoch, epochs):
             t0 = time.perf_counter()
             order = torch.randperm(n, generator=gen).to(device)
             sums = {"loss": 0.0, "extra": 0.0, "correct": 0, "weight_mean": 0.0}
@@ -323,29 +411,32 @@ def adversarial_train(model: nn.Module, train: Any, *, method: str = "pgd", eps:
                 if attack_mode == "eval":
                     model.eval()
                 weight = None
-                if method == "spat":
-                    classes = None
-                    if spat_classes is not None and spat_classes < num_classes:
-                        classes = torch.randperm(num_classes, generator=gen)[:spat_classes].tolist()
-                    weight = shared_pixel_weights(model, x, classes=classes,
-                                                  reduce_channels=spat_reduce_channels,
-                                                  normalise=spat_normalise)
-                    sums["weight_mean"] += float(weight.mean()) * len(y)
-                delta = pgd_perturb(model, x, y, eps=eps, steps=steps, step_size=step_size,
-                                    random_start=random_start, weight=weight, generator=gen)
+                with autocast:
+                    if method == "spat":
+                        classes = None
+                        if spat_classes is not None and spat_classes < num_classes:
+                            classes = torch.randperm(num_classes,
+                                                     generator=gen)[:spat_classes].tolist()
+                        weight = shared_pixel_weights(
+                            model, x, classes=classes, reduce_channels=spat_reduce_channels,
+                            normalise=spat_normalise, cap=spat_cap, floor=spat_floor).float()
+                        sums["weight_mean"] += float(weight.mean()) * len(y)
+                    delta = pgd_perturb(model, x, y, eps=eps, steps=steps, step_size=step_size,
+                                        random_start=random_start, weight=weight, generator=gen)
                 model.train()
                 for group in opt.param_groups:
                     group["lr"] = lr_at(it)
                 x_adv = x + delta
-                logits = model(x_adv)
-                loss = F.cross_entropy(logits, y)
-                if extra_loss is not None:
-                    feats = captured.pop("features", None)
-                    if feats is None:
-                        feats = model.features(x_adv)
-                    extra = extra_loss(feats, y, aux[idx] if aux is not None else None)
-                    sums["extra"] += float(extra.detach()) * len(y)
-                    loss = loss + extra
+                with autocast:
+                    logits = model(x_adv)
+                    loss = F.cross_entropy(logits.float(), y)
+                    if extra_loss is not None:
+                        feats = captured.pop("features", None)
+                        if feats is None:
+                            feats = model.features(x_adv)
+                        extra = extra_loss(feats.float(), y, aux[idx] if aux is not None else None)
+                        sums["extra"] += float(extra.detach()) * len(y)
+                        loss = loss + extra
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -353,7 +444,8 @@ def adversarial_train(model: nn.Module, train: Any, *, method: str = "pgd", eps:
                 sums["loss"] += float(loss.detach()) * len(y)
                 sums["correct"] += int((logits.detach().argmax(1) == y).sum())
                 bar.update(1)
-                bar.set_postfix(epoch=epoch + 1, loss=f"{sums['loss'] / min(n, start + len(y)):.3f}")
+                bar.set_postfix(epoch=f"{epoch + 1}/{epochs}",
+                                loss=f"{sums['loss'] / min(n, start + len(y)):.3f}", **shown)
             record = {"epoch": epoch + 1, "loss": sums["loss"] / n,
                       "adv_train_accuracy": sums["correct"] / n,
                       "seconds": time.perf_counter() - t0}
@@ -361,11 +453,41 @@ def adversarial_train(model: nn.Module, train: Any, *, method: str = "pgd", eps:
                 record["extra_loss"] = sums["extra"] / n
             if method == "spat":
                 record["weight_mean"] = sums["weight_mean"] / n
+            if val is not None:
+                if handle is not None:
+                    handle.remove()
+                clean, robust = _robust_accuracy(model, *val, eps=eps, steps=val_steps,
+                                                 seed=seed + epoch)
+                if handle is not None:
+                    handle = head.register_forward_pre_hook(
+                        lambda _m, inp: captured.__setitem__("features", inp[0]))
+                record.update(val_clean=clean, val_pgd=robust)
+                shown = {"val_clean": f"{clean:.3f}", "val_pgd": f"{robust:.3f}"}
+                if robust >= best["score"]:
+                    best = {"epoch": epoch + 1, "score": robust,
+                            "state": {k: v.detach().cpu().clone()
+                                      for k, v in model.state_dict().items()}}
             history.append(record)
+            if progress:
+                bar.write(f"{label}: epoch {epoch + 1}/{epochs} loss {record['loss']:.3f} "
+                          f"adv-train acc {record['adv_train_accuracy']:.3f}"
+                          + (f" | held-out clean {record['val_clean']:.3f} PGD-{val_steps} "
+                             f"{record['val_pgd']:.3f}" if val is not None else "")
+                          + f" ({record['seconds']:.0f} s)")
+            if checkpoint is not None:
+                save_training_state(checkpoint, {
+                    "fingerprint": fingerprint, "epoch": epoch + 1,
+                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                    "optimizer": opt.state_dict(), "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(), "history": history, "best": best})
     finally:
         if handle is not None:
             handle.remove()
         bar.close()
+    if val is not None and best["state"] is not None:
+        model.load_state_dict(best["state"])
+        for rec in history:
+            rec["selected"] = rec["epoch"] == best["epoch"]
     model.eval()
     return history
 
@@ -407,11 +529,16 @@ class AdversarialTrainingDefense(FitStateMixin, Defense):
     test_tiny_cnn for test_tiny), ``eps`` (None: the dataset's Linf default), and training
     knobs that override the ``fit`` preset when not None: ``steps``, ``step_size`` (absolute),
     ``random_start``, ``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``schedule``,
-    ``train_limit``, ``spat_classes``; plus ``spat_reduce_channels``, ``spat_normalise``,
-    ``attack_mode``,
-    ``crop_padding``, ``flip``, ``seed``. ``resolution`` is the image side (imagenet10).
-    ``init``: a classifier spec of the same architecture to start from, None (scratch) or
-    "auto" (:data:`AUTO_INIT` unless the preset is "full"), resolved at construction.
+    ``train_limit``, ``spat_classes``, ``precision`` ("fp32" | "bf16" autocast),
+    ``val_images`` (held out of the train split for the per-epoch PGD check; 0: none),
+    ``val_steps``; plus ``spat_reduce_channels``, ``spat_normalise`` ("mean1", the default:
+    shared-pixel weights rescaled to mean 1, so SPAT's steps have PGD's budget; "minmax" and
+    "rank" are the earlier readings), ``spat_cap``, ``spat_floor`` (see
+    :func:`shared_pixel_weights`), ``attack_mode``, ``crop_padding``, ``flip``, ``seed``.
+    ``resolution`` is the image side (imagenet10). ``init``: a classifier spec of the same
+    architecture to start from, None (scratch) or "auto" (:data:`AUTO_INIT` unless the preset
+    is "full"), resolved at construction. ``preset`` (given by the harness) selects the
+    training settings that ``config()`` records.
     """
 
     trainable = True
@@ -424,7 +551,10 @@ class AdversarialTrainingDefense(FitStateMixin, Defense):
                  batch_size: int | None = None, lr: float | None = None,
                  weight_decay: float | None = None, schedule: str | None = None,
                  train_limit: int | None = None, spat_classes: int | None = None,
-                 spat_reduce_channels: bool = False, spat_normalise: str = "minmax",
+                 precision: str | None = None, val_images: int | None = None,
+                 val_steps: int | None = None,
+                 spat_reduce_channels: bool = False, spat_normalise: str = "mean1",
+                 spat_cap: float = 4.0, spat_floor: float = 0.25,
                  attack_mode: str = "eval",
                  crop_padding: int | None = None, flip: bool = True, seed: int = 0,
                  init: str | None = "auto") -> None:
@@ -439,6 +569,7 @@ class AdversarialTrainingDefense(FitStateMixin, Defense):
         self.dataset = dataset
         self.resolution = resolution
         self.arch = arch
+        self.preset = preset
         self.eps = float(default_eps if eps is None else eps)
         self.device_name = str(device)
         self.progress = progress
@@ -447,15 +578,20 @@ class AdversarialTrainingDefense(FitStateMixin, Defense):
         self.overrides = {"steps": steps, "step_size": step_size, "random_start": random_start,
                           "epochs": epochs, "batch_size": batch_size, "lr": lr,
                           "weight_decay": weight_decay, "schedule": schedule,
-                          "train_limit": train_limit, "spat_classes": spat_classes}
+                          "train_limit": train_limit, "spat_classes": spat_classes,
+                          "precision": precision, "val_images": val_images,
+                          "val_steps": val_steps}
         self.init = resolve_init(init, dataset, arch, preset)
         if spat_normalise not in WEIGHT_NORMALISERS:
             raise ValueError(f"spat_normalise must be one of {WEIGHT_NORMALISERS}, got "
                              f"{spat_normalise!r}")
         self.knobs = {"spat_reduce_channels": bool(spat_reduce_channels),
-                      "spat_normalise": spat_normalise,
+                      "spat_normalise": spat_normalise, "spat_cap": float(spat_cap),
+                      "spat_floor": float(spat_floor),
                       "attack_mode": attack_mode, "crop_padding": int(crop_padding),
                       "flip": bool(flip), "seed": int(seed)}
+        if preset is not None:
+            self.training_settings(preset)  # an unknown preset or bad knob fails here, early
         self.history: list[dict[str, float]] = []
         self.fit_info: dict[str, Any] = {}
 
@@ -465,30 +601,62 @@ class AdversarialTrainingDefense(FitStateMixin, Defense):
         if s.get("step_size") is None:
             s["step_size"] = s["step_size_factor"] * self.eps
         s.pop("step_size_factor", None)
+        if s["precision"] not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {s['precision']!r}")
+        if int(s["val_images"]) < 0 or int(s["epochs"]) < 1:
+            raise ValueError("epochs must be >= 1 and val_images >= 0 (e.g. epochs=10)")
         return {**s, **self.knobs}
 
     def fit(self, train: Any, *, preset: str = "quick", device: str | torch.device = "cpu",
-            progress: bool = True) -> "AdversarialTrainingDefense":
+            progress: bool = True, checkpoint: str | Path | None = None
+            ) -> "AdversarialTrainingDefense":
+        """Train on ``train``; with ``checkpoint``, save a resume point every epoch and resume
+        from one left by a killed fit of the same configuration."""
+        import hashlib
+        import json
+
         settings = self.training_settings(preset)
         t0 = time.perf_counter()
         init_sha = (load_init_weights(self.classifier, self.init, self.dataset, device)
                     if self.init else None)
-        self.history = adversarial_train(self.classifier, train, method=self.method, eps=self.eps,
-                                         device=device, progress=progress, **settings)
+        images, labels = images_and_labels(train)
+        val = None
+        n_val = int(settings.pop("val_images"))
+        if n_val > 0:
+            held = _balanced_subset(labels, n_val, int(settings["seed"]) + 1)
+            mask = torch.ones(len(labels), dtype=torch.bool)
+            mask[held] = False
+            val = (images[held], labels[held])
+            images, labels = images[mask], labels[mask]
+        fingerprint = hashlib.sha256(json.dumps(
+            {"config": self.config(), "settings": settings, "preset": preset,
+             "train": getattr(train, "fingerprint", None), "n": len(labels)},
+            sort_keys=True, default=str).encode()).hexdigest()
+        self.history = adversarial_train(self.classifier, (images, labels), method=self.method,
+                                         eps=self.eps, device=device, progress=progress,
+                                         val=val, checkpoint=checkpoint,
+                                         fingerprint=fingerprint, **settings)
         self.classifier.eval()
-        n = len(images_and_labels(train)[1])
-        self.fit_info = {"preset": preset, "settings": settings, "init": self.init,
-                         "init_sha256": init_sha, "seconds": time.perf_counter() - t0,
-                         "train_images": min(n, settings["train_limit"] or n)}
+        selected = [r["epoch"] for r in self.history if r.get("selected")]
+        self.fit_info = {"preset": preset, "settings": {**settings, "val_images": n_val},
+                         "init": self.init, "init_sha256": init_sha,
+                         "seconds": time.perf_counter() - t0,
+                         "train_images": min(len(labels), settings["train_limit"] or len(labels)),
+                         "selected_epoch": selected[0] if selected else len(self.history),
+                         "history": self.history}
         self.fit_done.fill_(True)
         self.fitted = True
         return self
 
     def config(self) -> dict[str, Any]:
-        return {"method": self.method, "dataset": self.dataset, "resolution": self.resolution,
-                "arch": self.arch, "eps": self.eps, "init": self.init, **self.overrides,
-                **self.knobs,
-                "presets": AT_PRESETS}
+        cfg = {"method": self.method, "dataset": self.dataset, "resolution": self.resolution,
+               "arch": self.arch, "eps": self.eps, "init": self.init, **self.overrides,
+               **self.knobs}
+        if self.preset is not None:
+            cfg["settings"] = resolve_preset(self.preset, self.overrides)
+        else:
+            cfg["presets"] = AT_PRESETS
+        return cfg
 
 
 # ------------------------------------------------------------------------------------ registry

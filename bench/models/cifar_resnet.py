@@ -45,23 +45,25 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """3 stages of ``depth`` = 6n+2 layers, widths 16/32/64."""
+    """3 stages of ``depth`` = 6n+2 layers, widths 16/32/64 times ``width``."""
 
     def __init__(self, depth: int, num_classes: int = 10,
-                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> None:
+                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
+                 width: int = 1) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         n = (depth - 2) // 6
         self.normalize = Normalize(mean, std)
-        self.in_planes = 16
-        self.conv1 = nn.Conv2d(3, 16, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.layer1 = self._make_layer(16, n, 1)
-        self.layer2 = self._make_layer(32, n, 2)
-        self.layer3 = self._make_layer(64, n, 2)
-        self.linear = nn.Linear(64, num_classes)
-        self.feature_dim = 64
+        w = 16 * int(width)
+        self.in_planes = w
+        self.conv1 = nn.Conv2d(3, w, 3, stride=1, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(w)
+        self.layer1 = self._make_layer(w, n, 1)
+        self.layer2 = self._make_layer(2 * w, n, 2)
+        self.layer3 = self._make_layer(4 * w, n, 2)
+        self.linear = nn.Linear(4 * w, num_classes)
+        self.feature_dim = 4 * w
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.kaiming_normal_(m.weight)
@@ -74,7 +76,7 @@ class CifarResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The penultimate latent (N, 64): pooled activations before ``linear``."""
+        """The penultimate latent (N, 64 x width): pooled activations before ``linear``."""
         out = F.relu(self.bn1(self.conv1(self.normalize(x))))
         out = self.layer3(self.layer2(self.layer1(out)))
         return F.adaptive_avg_pool2d(out, 1).flatten(1)
@@ -96,4 +98,13 @@ def resnet56(num_classes: int = 10, mean: Sequence[float] = CIFAR10_MEAN,
              std: Sequence[float] = CIFAR10_STD) -> CifarResNet:
     """ResNet-56 (0.85 M parameters)."""
     return finish(CifarResNet(56, num_classes, mean, std), "resnet56", num_classes,
+                  mean=mean, std=std)
+
+
+@MODELS.register("resnet20_w2")
+def resnet20_w2(num_classes: int = 10, mean: Sequence[float] = CIFAR10_MEAN,
+                std: Sequence[float] = CIFAR10_STD) -> CifarResNet:
+    """ResNet-20 at twice the width (32/64/128 channels, 1.1 M parameters): the `standard`
+    adversarial-training architecture (wider nets gain more from adversarial training)."""
+    return finish(CifarResNet(20, num_classes, mean, std, width=2), "resnet20_w2", num_classes,
                   mean=mean, std=std)

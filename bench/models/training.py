@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -191,3 +192,42 @@ def train_classifier(model: nn.Module, train: Any, *, recipe: str | TrainRecipe 
     bar.close()
     model.train_history = history
     return model.eval()
+
+
+# ------------------------------------------------------------------------- resumable training
+class ResumeError(ValueError):
+    """A resume checkpoint that cannot be used for this fit (one line, with the fix)."""
+
+
+def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
+    """Write a training checkpoint atomically: a temporary file in the same folder, flushed to
+    disk, then renamed over ``path``; a kill at any moment leaves the old or the new file."""
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(state, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def load_training_state(path: str | Path, fingerprint: str) -> dict[str, Any] | None:
+    """The training checkpoint at ``path`` (None when there is none). Read with
+    ``weights_only=True`` (tensors and plain containers only); a checkpoint written for another
+    configuration (``fingerprint``) or an unreadable one is refused with a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for a damaged file
+        raise ResumeError(f"resume checkpoint {path} is unreadable ({type(exc).__name__}); "
+                          "delete it to train from the start") from None
+    if not isinstance(state, dict) or state.get("fingerprint") != fingerprint:
+        raise ResumeError(f"resume checkpoint {path} was written for a different training "
+                          "configuration; delete it (or restore the original options) to "
+                          "train from the start")
+    return state
