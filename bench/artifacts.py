@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,79 @@ def load_artifact(defense: Any, path: Path, expected: dict[str, str] | None = No
     return meta
 
 
+# ------------------------------------------------------------------------ shipped artifacts
+#: folder of the trained artifacts that come with the project (``standard`` scale)
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "defenses" / "weights"
+
+
+@dataclass(frozen=True)
+class Shipped:
+    """A trained artifact committed to the repository, pinned by the sha256 of its file."""
+
+    filename: str
+    sha256: str
+
+    @property
+    def path(self) -> Path:
+        return SHIPPED_DIR / self.filename
+
+
+#: (defense, dataset, resolution, preset) -> the shipped artifact; each has a model card
+#: (``<file>.md``: recipe, data, wall time, measured accuracy, code version, sha256)
+SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
+}
+
+
+@dataclass(frozen=True)
+class ShippedMatch:
+    path: Path
+    sha256: str
+    expected: dict[str, str]
+
+
+def shipped_artifact(defense: Any, name: str, *, dataset: str, resolution: Any, preset: str,
+                     log=print) -> ShippedMatch | None:
+    """The shipped artifact for this defense, or None when there is none or the defense's
+    options differ from those it was trained with (then the harness fits as usual). A file
+    that does not match its pinned sha256 is refused with a one-line error."""
+    from bench.models.checkpoint import ChecksumError, verify_sha256
+
+    entry = SHIPPED.get((name, dataset, resolution, preset))
+    if entry is None:
+        return None
+    if not entry.path.is_file():
+        raise ArtifactError(f"shipped artifact {entry.path} is missing; restore it "
+                            f"(`git checkout -- {entry.path.name}`) or fit the defense "
+                            f"(`robustmatrix fit {name} --preset {preset}`)")
+    try:
+        verify_sha256(entry.path, entry.sha256)
+    except ChecksumError:
+        raise ArtifactError(f"shipped artifact {entry.path.name} does not match its pinned "
+                            f"sha256 {entry.sha256[:12]}...; restore it (`git checkout -- "
+                            f"defenses/weights/{entry.path.name}`)") from None
+    expected = {"defense": name, "dataset": dataset, "resolution": str(resolution),
+                "config": json.dumps(defense.config(), sort_keys=True, default=str)}
+    with _safe_open(entry.path) as f:
+        meta = dict(f.metadata() or {})
+    if meta.get("config") != expected["config"]:
+        try:
+            theirs = json.loads(meta.get("config", "{}"))
+        except ValueError:
+            theirs = {}
+        ours = json.loads(expected["config"])
+        diff = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+        log(f"the shipped {name} artifact was trained with other options "
+            f"({', '.join(diff) or 'config'} differ); fitting instead")
+        return None
+    return ShippedMatch(entry.path, entry.sha256, expected)
+
+
+def _safe_open(path: Path):
+    from safetensors import safe_open
+
+    return safe_open(str(path), framework="pt")
+
+
 def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
                     dataset_options: dict[str, Any] | None = None, device: str = "cpu",
                     preset: str = "quick", progress: bool = False, artifact: str | None = None,
@@ -113,17 +187,27 @@ def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
     dataset_options = dict(dataset_options or {})
     options = dict(options)
     artifact = artifact or options.pop("artifact", None)
+    preset = str(options.pop("preset", preset))  # a defense entry may pick its own fit scale
     defense = construct_defense(name, options, dataset=dataset, dataset_options=dataset_options,
                                 device=device, preset=preset, progress=progress)
     defense.to(device)
-    info: dict[str, Any] = {"artifact": None, "artifact_sha256": None, "fit_seconds": 0.0}
+    info: dict[str, Any] = {"artifact": None, "artifact_sha256": None, "fit_seconds": 0.0,
+                            "shipped": False, "preset": preset}
     if not getattr(defense, "trainable", False):
         defense.eval()
         return defense, info
+    resolution = dataset_options.get("resolution")
+    if not artifact:
+        shipped = shipped_artifact(defense, name, dataset=dataset, resolution=resolution,
+                                   preset=preset, log=log)
+        if shipped is not None:  # a trained artifact that comes with the project: fit nothing
+            load_artifact(defense, shipped.path, shipped.expected, device=device)
+            info.update(artifact=str(shipped.path), artifact_sha256=shipped.sha256, shipped=True)
+            defense.eval()
+            return defense, info
     from bench.data import load_train
 
     load_kw = {k: v for k, v in dataset_options.items() if k in ("root", "source", "resolution")}
-    resolution = dataset_options.get("resolution")
     if artifact:
         meta_expected = {"defense": name, "dataset": dataset, "resolution": str(resolution),
                          "config": json.dumps(defense.config(), sort_keys=True, default=str)}
@@ -155,6 +239,11 @@ def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
         defense.fitted = True
         info["fit_seconds"] = time.perf_counter() - t0
         save_artifact(defense, path, meta)
+        fit_info = getattr(defense, "fit_info", None)
+        if fit_info:  # wall time, history, ...: beside the artifact (not in it: same weights,
+            # same file)
+            path.with_name(path.stem + ".fit.json").write_text(
+                json.dumps(fit_info, indent=1, sort_keys=True, default=str))
         resume.unlink(missing_ok=True)
     info.update(artifact=str(path), artifact_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
     defense.eval()

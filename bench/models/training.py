@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bench.models.checkpoint import CheckpointError
+
 
 @dataclass(frozen=True)
 class TrainRecipe:
@@ -195,7 +197,7 @@ def train_classifier(model: nn.Module, train: Any, *, recipe: str | TrainRecipe 
 
 
 # ------------------------------------------------------------------------- resumable training
-class ResumeError(ValueError):
+class ResumeError(CheckpointError):
     """A resume checkpoint that cannot be used for this fit (one line, with the fix)."""
 
 
