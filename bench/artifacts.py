@@ -240,7 +240,10 @@ def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
         info["fit_seconds"] = time.perf_counter() - t0
         save_artifact(defense, path, meta)
         fit_info = getattr(defense, "fit_info", None)
-        if fit_info:  # wall time, history, ...: beside the artifact (not in it: same weights,
+        if fit_info:
+            from bench.model_card import code_version
+
+            fit_info = {**fit_info, "code_version": code_version()}  # wall time, history, ...: beside the artifact (not in it: same weights,
             # same file)
             path.with_name(path.stem + ".fit.json").write_text(
                 json.dumps(fit_info, indent=1, sort_keys=True, default=str))

@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--out", help="folder for reports and figures [runs/fit/<defense>]")
     f.add_argument("--report-n", type=int, default=500, metavar="N",
                    help="held-out test images the report measures on [500]")
+    f.add_argument("--ship", action="store_true",
+                   help="copy the artifact into defenses/weights with a model card (then pin "
+                        "its sha256 in bench.artifacts.SHIPPED)")
+    f.add_argument("--ship-dir", help="with --ship: the folder [defenses/weights]")
+    f.add_argument("--card-results", action="append", default=[], metavar="RUN_DIR",
+                   help="with --ship: runs whose leaderboard gives the card's measured accuracy")
+    f.add_argument("--card-label", help="with --card-results: the defense's label in those runs "
+                                        "[the defense name]")
 
     from bench.submit import add_parsers as add_submission_parsers  # submit verify sweep publish
 
@@ -308,6 +316,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         state = "fitted" if info["fit_seconds"] else "reused cached artifact"
         _info(f"{args.defense} on {args.dataset}: {state} in {took:.1f} s -> {info['artifact']}")
+        if args.ship:
+            from bench.artifacts import SHIPPED_DIR
+            from bench.model_card import measured_rows, ship
+
+            measured = [r for run in args.card_results
+                        for r in measured_rows(Path(run), args.card_label or args.defense)]
+            dest = ship(Path(info["artifact"]), name=args.defense, dataset=args.dataset,
+                        resolution=args.resolution, preset=info["preset"],
+                        dest_dir=Path(args.ship_dir) if args.ship_dir else SHIPPED_DIR,
+                        measured=measured, source_runs=list(args.card_results))
+            from bench.models.checkpoint import sha256_file
+
+            _info(f"shipped {dest} (model card {dest.with_suffix('.md').name}); pin it in "
+                  f"bench.artifacts.SHIPPED: ({args.defense!r}, {args.dataset!r}, "
+                  f"{args.resolution!r}, {info['preset']!r}): "
+                  f"Shipped({dest.name!r}, {sha256_file(dest)!r})")
     if args.report:
         if not hasattr(defense, "report"):
             _info(f"{args.defense} has no report (defenses with one: semantic_ae, plain_ae, "

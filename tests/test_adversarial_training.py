@@ -228,3 +228,18 @@ def test_tampered_shipped_artifact_is_refused_in_one_line(tmp_path, monkeypatch)
     with pytest.raises(ArtifactError, match="does not match its pinned sha256"):
         prepare_defense("test_pgd_at", {}, dataset="test_tiny", preset="tiny",
                         log=lambda m: None)
+
+
+def test_fit_ship_writes_the_artifact_and_a_model_card(tmp_path):
+    out = _cli("fit", "test_pgd_at", "--dataset", "test_tiny", "--preset", "tiny",
+               "--option", "val_images=50", "--device", "cpu", "--ship",
+               "--ship-dir", str(tmp_path / "weights"), cache=tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    shipped = tmp_path / "weights" / "test_pgd_at-test_tiny-tiny.safetensors"
+    card = shipped.with_suffix(".md").read_text()
+    from bench.models.checkpoint import sha256_file
+
+    sha = sha256_file(shipped)
+    assert sha in card and sha in out.stderr  # the pin to paste into SHIPPED
+    assert "| 1 (selected) |" in card  # the per-epoch history (test_pgd_at: one epoch)
+    assert "held-out PGD" in card and "code version" in card

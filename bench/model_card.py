@@ -1,0 +1,134 @@
+"""Model cards for the trained artifacts that ship with the project (``defenses/weights``).
+
+A card is Markdown beside its ``.safetensors``: what was trained (defense, dataset, config),
+how (recipe, data, held-out check per epoch, wall time), what it measures (clean / PGD /
+AutoAttack accuracy from a ``robustmatrix run`` leaderboard JSON, with 95% intervals), the code
+version and the file's sha256 (the same sha256 that pins it in :data:`bench.artifacts.SHIPPED`).
+Written by ``robustmatrix fit DEFENSE --preset standard --ship [--card-results RUN_DIR]``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from bench.models.checkpoint import sha256_file
+
+
+def shipped_filename(name: str, dataset: str, resolution: Any, preset: str) -> str:
+    res = f"-{resolution}px" if resolution else ""
+    return f"{name}-{dataset}{res}-{preset}.safetensors"
+
+
+def code_version(root: Path | None = None) -> str:
+    root = root or Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        if out.returncode == 0:
+            return out.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown (not a git checkout)"
+
+
+def measured_rows(run_dir: Path, defense_label: str | None = None) -> list[dict[str, Any]]:
+    """Leaderboard records of ``run_dir`` (``leaderboard/leaderboard.json``), optionally only
+    those of one defense label."""
+    path = Path(run_dir) / "leaderboard" / "leaderboard.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run `robustmatrix leaderboard "
+                                f"--run-dir {run_dir}` first")
+    records = json.loads(path.read_text())
+    return [r for r in records if defense_label is None or r["defense"] == defense_label]
+
+
+def _pct(acc: dict[str, Any]) -> str:
+    return (f"{100 * acc['accuracy']:.1f} [{100 * acc['ci_low']:.1f}, "
+            f"{100 * acc['ci_high']:.1f}]")
+
+
+def _eps(threat: str, eps: float) -> str:
+    return f"Linf {eps * 255:.3g}/255" if threat == "linf" else f"{threat.upper()} {eps:.3g}"
+
+
+def render_card(*, name: str, dataset: str, resolution: Any, preset: str, sha256: str,
+                meta: dict[str, str], fit_info: dict[str, Any] | None,
+                measured: list[dict[str, Any]], source_runs: list[str]) -> str:
+    config = json.loads(meta.get("config", "{}"))
+    fit_info = fit_info or {}
+    settings = fit_info.get("settings", config.get("settings", {}))
+    lines = [f"# Model card: `{name}` on {dataset}"
+             + (f" at {resolution} px" if resolution else "") + f" (`{preset}` scale)", ""]
+    lines += ["| | |", "|---|---|",
+              f"| file | `{shipped_filename(name, dataset, resolution, preset)}` |",
+              f"| sha256 | `{sha256}` |",
+              f"| architecture | {config.get('arch', '?')} |",
+              f"| method | {config.get('method', name)} |",
+              f"| threat model trained for | Linf eps = {float(config.get('eps', 0)) * 255:.3g}/255 |",
+              f"| initialisation | {fit_info.get('init') or config.get('init') or 'scratch'} |",
+              f"| training data | {dataset} train split, {fit_info.get('train_images', '?')} "
+              f"images (+{settings.get('val_images', 0)} held out for the per-epoch check); "
+              f"fingerprint `{meta.get('train_fingerprint', '?')[:16]}` |",
+              f"| wall time | {float(fit_info.get('seconds', 0)) / 60:.1f} min |",
+              f"| selected epoch | {fit_info.get('selected_epoch', '?')} of "
+              f"{settings.get('epochs', '?')} (best held-out PGD accuracy) |",
+              f"| code version | {fit_info.get('code_version', 'unknown')} |", ""]
+    lines += ["## Recipe", "", "```json", json.dumps(settings, indent=1, sort_keys=True,
+                                                       default=str), "```", ""]
+    history = fit_info.get("history") or []
+    if history:
+        lines += ["## Training history (held-out train images, PGD-10, fp32)", "",
+                  "| epoch | loss | adv. train acc | held-out clean | held-out PGD | s |",
+                  "|---|---|---|---|---|---|"]
+        for r in history:
+            mark = " (selected)" if r.get("selected") else ""
+            lines.append(f"| {r['epoch']}{mark} | {r['loss']:.3f} | "
+                         f"{r.get('adv_train_accuracy', float('nan')):.3f} | "
+                         f"{r.get('val_clean', float('nan')):.3f} | "
+                         f"{r.get('val_pgd', float('nan')):.3f} | {r.get('seconds', 0):.0f} |")
+        lines.append("")
+    lines += ["## Measured accuracy (test split, through `robustmatrix run`)", ""]
+    if measured:
+        lines += ["Accuracy in %, 95% Wilson intervals; worst case = per-sample AND over the "
+                  "attacks in the row.", "",
+                  "| threat | n | clean | " + "attack | " * 1 + "accuracy | worst case |",
+                  "|---|---|---|---|---|---|"]
+        for r in measured:
+            for attack, acc in r["attacks"].items():
+                lines.append(f"| {_eps(r['threat'], r['eps'])} | {r['n']} | "
+                             f"{_pct(r['clean'])} | {attack} | {_pct(acc)} | "
+                             f"{_pct(r['worst_case'])} |")
+        lines += ["", "Runs: " + ", ".join(f"`{s}`" for s in source_runs), ""]
+    else:
+        lines += ["Not measured yet.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def ship(artifact: Path, *, name: str, dataset: str, resolution: Any, preset: str,
+         dest_dir: Path, measured: list[dict[str, Any]], source_runs: list[str],
+         fit_info: dict[str, Any] | None = None) -> Path:
+    """Copy ``artifact`` into ``dest_dir`` under its shipped name and write its model card
+    (``fit_info``: default, the ``.fit.json`` written beside the artifact by its fit).
+    Returns the copied file; its sha256 is the pin to put in ``SHIPPED``."""
+    from safetensors import safe_open
+
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / shipped_filename(name, dataset, resolution, preset)
+    shutil.copyfile(artifact, dest)
+    with safe_open(str(dest), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    side = artifact.with_name(artifact.stem + ".fit.json")
+    if fit_info is None and side.is_file():
+        fit_info = json.loads(side.read_text())
+    sha = sha256_file(dest)
+    dest.with_suffix(".md").write_text(render_card(
+        name=name, dataset=dataset, resolution=resolution, preset=preset, sha256=sha, meta=meta,
+        fit_info=fit_info, measured=measured, source_runs=source_runs))
+    return dest
