@@ -76,10 +76,17 @@ AT_PRESETS: dict[str, dict[str, Any]] = {
              "train_limit": None, "spat_classes": None, **_COMMON, "val_images": 1000},
 }
 
+#: per-(dataset, preset) changes to :data:`AT_PRESETS` (explicit knobs still win): ImageNet-10
+#: here has 3,000 train images (300 per class), so its `standard` fit holds out fewer, uses
+#: smaller batches (more steps) and more epochs, from scratch
+DATASET_PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("imagenet10", "standard"): {"epochs": 40, "batch_size": 64, "val_images": 300},
+}
+
 #: architecture per (dataset, preset); a dataset's ``None`` entry is its default
 DEFAULT_ARCH: dict[str, dict[str | None, str]] = {
     "cifar10": {None: "resnet20", "full": "preact_resnet18"},
-    "imagenet10": {None: "resnet18_imagenet"},
+    "imagenet10": {None: "resnet18_imagenet", "standard": "resnet20_s2"},
     "test_tiny": {None: "test_tiny_cnn"},
 }
 
@@ -595,9 +602,16 @@ class AdversarialTrainingDefense(FitStateMixin, Defense):
         self.history: list[dict[str, float]] = []
         self.fit_info: dict[str, Any] = {}
 
+    def _preset_settings(self, preset: str) -> dict[str, Any]:
+        table = AT_PRESETS
+        extra = DATASET_PRESETS.get((self.dataset, preset))
+        if extra:
+            table = {**AT_PRESETS, preset: {**AT_PRESETS[preset], **extra}}
+        return resolve_preset(preset, self.overrides, table)
+
     def training_settings(self, preset: str) -> dict[str, Any]:
         """The resolved settings ``fit`` uses for ``preset`` (absolute step size included)."""
-        s = resolve_preset(preset, self.overrides)
+        s = self._preset_settings(preset)
         if s.get("step_size") is None:
             s["step_size"] = s["step_size_factor"] * self.eps
         s.pop("step_size_factor", None)
@@ -653,7 +667,7 @@ class AdversarialTrainingDefense(FitStateMixin, Defense):
                "arch": self.arch, "eps": self.eps, "init": self.init, **self.overrides,
                **self.knobs}
         if self.preset is not None:
-            cfg["settings"] = resolve_preset(self.preset, self.overrides)
+            cfg["settings"] = self._preset_settings(self.preset)
         else:
             cfg["presets"] = AT_PRESETS
         return cfg

@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.models.layers import CIFAR10_MEAN, CIFAR10_STD, Normalize, finish
+from bench.models.layers import (CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD,
+                                 Normalize, finish)
 from bench.registry import MODELS
 
 
@@ -45,11 +46,12 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """3 stages of ``depth`` = 6n+2 layers, widths 16/32/64 times ``width``."""
+    """3 stages of ``depth`` = 6n+2 layers, widths 16/32/64 times ``width``; ``stem_stride`` 2
+    halves the resolution in the first convolution (64 px inputs cost what 32 px ones do)."""
 
     def __init__(self, depth: int, num_classes: int = 10,
                  mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
-                 width: int = 1) -> None:
+                 width: int = 1, stem_stride: int = 1) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -57,7 +59,7 @@ class CifarResNet(nn.Module):
         self.normalize = Normalize(mean, std)
         w = 16 * int(width)
         self.in_planes = w
-        self.conv1 = nn.Conv2d(3, w, 3, stride=1, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(3, w, 3, stride=stem_stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(w)
         self.layer1 = self._make_layer(w, n, 1)
         self.layer2 = self._make_layer(2 * w, n, 2)
@@ -108,3 +110,12 @@ def resnet20_w2(num_classes: int = 10, mean: Sequence[float] = CIFAR10_MEAN,
     adversarial-training architecture (wider nets gain more from adversarial training)."""
     return finish(CifarResNet(20, num_classes, mean, std, width=2), "resnet20_w2", num_classes,
                   mean=mean, std=std)
+
+
+@MODELS.register("resnet20_s2")
+def resnet20_s2(num_classes: int = 10, mean: Sequence[float] = IMAGENET_MEAN,
+                std: Sequence[float] = IMAGENET_STD) -> CifarResNet:
+    """ResNet-20 with a stride-2 stem (0.27 M parameters) for 64 px ImageNet-10: the `standard`
+    adversarial-training architecture there (the compute of ResNet-20 at 32 px)."""
+    return finish(CifarResNet(20, num_classes, mean, std, stem_stride=2), "resnet20_s2",
+                  num_classes, mean=mean, std=std)
