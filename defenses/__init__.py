@@ -2,12 +2,14 @@
 
 Where to look: ``base.py`` (the contract), ``undefended.py`` (the baseline),
 ``semantic_autoencoder.py``, ``aae_detector.py``, ``spat.py`` (SPAT and PGD-AT),
-``srd_purifier.py``, ``toys.py`` (tiny ``test_*`` defenses used by the test-suite).
+``srd_purifier.py``, ``input_transforms.py`` (JPEG, bit depth, median: the
+purification baselines), ``toys.py`` (tiny ``test_*`` defenses used by the test-suite).
 """
 
 from defenses.base import Defense, DefenseNotFittedError, DefenseStructure, Detector, Preprocessor
 
-_BUILTIN = ["undefended", "toys", "semantic_autoencoder", "aae_detector", "spat", "srd_purifier"]
+_BUILTIN = ["undefended", "toys", "semantic_autoencoder", "aae_detector", "spat", "srd_purifier",
+            "input_transforms"]
 
 
 def _import_builtins() -> None:
