@@ -2,7 +2,8 @@
 compared with (``../shared/METHODS.md`` section 4; issue 14).
 
 * ``jpeg``: JPEG re-encoding at ``quality`` (Das et al. 2017; Guo et al. 2018), through
-  ``torchvision.io.encode_jpeg`` / ``decode_jpeg`` (libjpeg). Not differentiable: BPDA.
+  Pillow's libjpeg encoder and decoder (torchvision.io's JPEG codec is deprecated since
+  torchvision 0.29). Not differentiable: BPDA.
 * ``bit_depth``: each pixel quantised to ``bits`` bits (Xu et al., "Feature Squeezing", 2018).
   Zero gradient almost everywhere: BPDA.
 * ``median_filter``: a ``size`` x ``size`` median per channel (Xu et al. 2018), reflect-padded.
@@ -37,11 +38,20 @@ class JPEG(Preprocessor):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from torchvision.io import decode_jpeg, encode_jpeg
+        import io
+
+        import numpy as np
+        from PIL import Image
 
         u8 = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
-        out = [decode_jpeg(encode_jpeg(img, quality=self.quality)) for img in u8]
-        return torch.stack(out).to(x.device, x.dtype) / 255.0
+        out = []
+        for img in u8.permute(0, 2, 3, 1).numpy():
+            buf = io.BytesIO()
+            Image.fromarray(img.squeeze(-1) if img.shape[-1] == 1 else img).save(
+                buf, format="JPEG", quality=self.quality)
+            dec = np.asarray(Image.open(io.BytesIO(buf.getvalue())))
+            out.append(torch.from_numpy(dec.reshape(img.shape).copy()))
+        return torch.stack(out).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255.0
 
 
 class BitDepth(Preprocessor):
