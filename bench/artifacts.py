@@ -123,6 +123,9 @@ class Shipped:
 #: (defense, dataset, resolution, preset) -> the shipped artifact; each has a model card
 #: (``<file>.md``: recipe, data, wall time, measured accuracy, code version, sha256)
 SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
+    ("pgd_at", "cifar10", None, "standard"): Shipped(
+        "pgd_at-cifar10-standard.safetensors",
+        "8f2a03975fe3ea77591ad7d8135445885efc186d9dc81ab2983a5fe8a92bfd7c"),
     ("pgd_at", "imagenet10", 64, "standard"): Shipped(
         "pgd_at-imagenet10-64px-standard.safetensors",
         "709edddc06ac07bbb4169ca15cfb306972bf3a35a4f0c28fb1f772359e1d8f75"),
