@@ -123,6 +123,12 @@ class Shipped:
 #: (defense, dataset, resolution, preset) -> the shipped artifact; each has a model card
 #: (``<file>.md``: recipe, data, wall time, measured accuracy, code version, sha256)
 SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
+    ("spat", "cifar10", None, "standard"): Shipped(
+        "spat-cifar10-standard.safetensors",
+        "1c3ecdf9fe898d171d17e47fa17e8c7f683da16e4dacdfa17154e9448b8120c0"),
+    ("spat", "imagenet10", 64, "standard"): Shipped(
+        "spat-imagenet10-64px-standard.safetensors",
+        "80b10065f900291c92b4c24ebf4a6ddd6cd9a7f0df01d41e088991e4054c7a8c"),
     ("pgd_at", "cifar10", None, "standard"): Shipped(
         "pgd_at-cifar10-standard.safetensors",
         "8f2a03975fe3ea77591ad7d8135445885efc186d9dc81ab2983a5fe8a92bfd7c"),
