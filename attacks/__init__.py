@@ -1,11 +1,11 @@
-"""Attacks. Each module registers its entries in ``bench.registry.ATTACKS``.
+"""Attacks. Each module registers its entries in ``bench.core.registry.ATTACKS``.
 
 Where to look: ``base.py`` (the contract), ``standard.py`` (PGD, CW, AutoAttack wrappers of
 torchattacks / pyautoattack), ``adaptive.py`` (BPDA, EOT, detector-aware),
 ``wrong_label_latent.py`` (the semantic-AE attack).
 """
 
-from attacks.base import Attack, AttackResult, DEFAULT_SEED
+from attacks.base import DEFAULT_SEED, Attack, AttackResult
 
 _BUILTIN = ["standard", "adaptive", "wrong_label_latent"]
 

@@ -1,9 +1,12 @@
 """The attack contract (after foolbox 3: configure once, call with model and data).
 
 An attack is configured with keyword-only options in ``__init__``; the defense, images,
-labels and epsilon are call arguments. :meth:`Attack.__call__` is final: it validates inputs,
-seeds the attack in a private RNG scope, counts forward/backward passes, calls the subclass's
-:meth:`Attack.run`, and clips the returned adversarials into [0, 1]. The HARNESS (not the
+labels, epsilon, the seed and the run context (:class:`RunContext`) are call arguments: nothing
+is set on an attack from outside between calls. :meth:`Attack.__call__` is final
+(``typing.final``, and a subclass that defines ``__call__`` is refused at class creation): it
+validates inputs, seeds the attack in a private RNG scope, counts forward/backward passes, calls
+the subclass's :meth:`Attack.run` with ``seed`` and ``context``, and clips the returned
+adversarials into [0, 1]. The HARNESS (not the
 attack) then re-checks the epsilon ball and re-scores the defense on the adversarials.
 """
 
@@ -11,12 +14,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping, final
 
 import torch
 from torch import nn
 
 DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """Where an attack call runs, as the harness knows it (all optional: an attack called from
+    Python without one gets the defaults). Attacks that fit helpers of their own (the wrong-label
+    latent attack's autoencoder) read the dataset and fit preset from it."""
+
+    dataset: str | None = None
+    dataset_options: Mapping[str, Any] | None = None
+    device: str | None = None
+    fit_preset: str | None = "quick"
+    run_dir: str | None = None
+    #: the defense's label in the matrix (figure names)
+    defense: str | None = None
 
 
 @dataclass
@@ -82,7 +100,8 @@ class AttackTracer(nn.Module):
         if self._x0 is not None and x.shape == self._x0.shape and out.ndim == 2:
             with torch.no_grad():
                 logits = out.detach().float()
-                self.losses.append(nn.functional.cross_entropy(logits, self._y, reduction="none").cpu())
+                self.losses.append(
+                    nn.functional.cross_entropy(logits, self._y, reduction="none").cpu())
                 norm = perturbation_norm(x.detach(), self._x0, self._threat)
                 valid = (norm <= self._eps + 1e-6) & (x.detach().flatten(1).amin(1) >= 0) & (
                     x.detach().flatten(1).amax(1) <= 1)
@@ -100,9 +119,6 @@ class AttackTracer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._modules["model"], name)
-
-
-PassCounter = AttackTracer
 
 
 class Attack:
@@ -130,14 +146,24 @@ class Attack:
         self.seed = int(seed)
         self.options = options
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__call__" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides Attack.__call__, which is final: implement "
+                            "run(model, images, labels, eps, *, seed, context) instead")
+
     # subclasses implement ----------------------------------------------------------------
-    def run(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-            eps: float) -> AttackResult:  # pragma: no cover - abstract
+    def run(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor, eps: float, *,
+            seed: int, context: RunContext) -> AttackResult:  # pragma: no cover - abstract
+        """The attack on ``model`` (already wrapped in the tracer, in eval mode); ``seed`` is
+        this call's seed (torch's RNG is already seeded with it), ``context`` the run's."""
         raise NotImplementedError
 
     # the final call ----------------------------------------------------------------------
+    @final
     def __call__(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                 eps: float, *, seed: int | None = None) -> AttackResult:
+                 eps: float, *, seed: int | None = None,
+                 context: RunContext | None = None) -> AttackResult:
         eps = check_epsilon(eps, self.threat)
         if images.ndim != 4:
             raise ValueError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
@@ -152,12 +178,12 @@ class Attack:
         # wrapper's mode and "restore" it afterwards, which would put BatchNorm in training mode
         counter = AttackTracer(model, images, labels, traced_eps, self.threat).eval()
         devices = [images.device] if images.device.type == "cuda" else []
+        seed = self.seed if seed is None else int(seed)
+        context = context if context is not None else RunContext()
         try:
-            #: the seed of this call; attacks that seed a library themselves read it
-            self.current_seed = self.seed if seed is None else int(seed)
             with torch.random.fork_rng(devices=devices):
-                torch.manual_seed(self.current_seed)
-                result = self.run(counter, images, labels, eps)
+                torch.manual_seed(seed)
+                result = self.run(counter, images, labels, eps, seed=seed, context=context)
         finally:
             model.train(was_training)
         result.adv = result.adv.detach().clamp(0, 1)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from attacks.base import Attack, AttackResult
-from bench.registry import ATTACKS
+from bench.core.registry import ATTACKS
 
 
 def _prepare(atk: Any, images: torch.Tensor) -> Any:
@@ -50,7 +50,7 @@ class PGD(Attack):
         return cls(model, eps=eps, alpha=o["rel_stepsize"] * eps, steps=o["steps"],
                    random_start=o["random_start"])
 
-    def run(self, model, images, labels, eps):
+    def run(self, model, images, labels, eps, *, seed, context):
         atk = _prepare(self.make(model, eps), images)
         best = images.clone()
         remaining = torch.ones(len(labels), dtype=torch.bool, device=labels.device)
@@ -79,7 +79,7 @@ class CW(Attack):
         super().__init__(threat=threat, seed=seed, c=float(c), kappa=float(kappa),
                          steps=int(steps), lr=float(lr))
 
-    def run(self, model, images, labels, eps):
+    def run(self, model, images, labels, eps, *, seed, context):
         o = self.options
         import torchattacks
 
@@ -128,14 +128,13 @@ class AutoAttack(Attack):
                          n_iter=n_iter, n_target_classes=n_target_classes, n_queries=n_queries,
                          eot_iter=eot_iter)
 
-    def make(self, model: nn.Module, eps: float, device: torch.device) -> Any:
+    def make(self, model: nn.Module, eps: float, device: torch.device, seed: int) -> Any:
         from pyautoattack import AutoAttack as _AutoAttack
 
         o = self.options
         norm = {"linf": "Linf", "l2": "L2"}[self.threat]
         version = o["version"]
         custom = version in ("cheap", "custom")
-        seed = getattr(self, "current_seed", self.seed)
         aa = _AutoAttack(model, norm=norm, eps=eps, seed=seed, device=device,
                          version="custom" if custom else version,
                          attacks=o["attacks"] if custom else None)
@@ -151,8 +150,8 @@ class AutoAttack(Attack):
             aa.apgd.eot_iter = aa.apgd_targeted.eot_iter = o["eot_iter"]
         return aa
 
-    def run(self, model, images, labels, eps):
-        aa = self.make(model, eps, images.device)
+    def run(self, model, images, labels, eps, *, seed, context):
+        aa = self.make(model, eps, images.device, seed)
         capture = _LogCapture()
         aa.logger.addHandler(capture)
         old_level = aa.logger.level

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from attacks.adaptive import unwrap
-from attacks.base import Attack, AttackResult
-from bench.registry import ATTACKS
+from attacks.base import Attack, AttackResult, RunContext
+from bench.core.registry import ATTACKS
 
 #: the semantic autoencoder defense fitted for a dataset when the defense has none
 DEFAULT_AUTOENCODER = {"test_tiny": "test_semantic_ae"}
@@ -82,7 +82,7 @@ def project(x_new: torch.Tensor, x: torch.Tensor, eps: float, threat: str) -> to
 
 def image_distances(adv: torch.Tensor, x: torch.Tensor) -> dict[str, list[float]]:
     """Per-sample Linf, L2, PSNR (dB, capped at 100) and SSIM of ``adv`` against ``x``."""
-    from defenses.latent_metrics import psnr, ssim
+    from bench.core.metrics import psnr, ssim
 
     d = (adv - x).flatten(1)
     return {"linf": d.abs().amax(1).tolist(), "l2": d.norm(dim=1).tolist(),
@@ -113,11 +113,13 @@ class WrongLabelLatent(Attack):
         self._ae: tuple[nn.Module, str] | None = None
 
     # the autoencoder --------------------------------------------------------------------------
-    def autoencoder(self, defense: nn.Module, images: torch.Tensor) -> tuple[nn.Module, str]:
+    def autoencoder(self, defense: nn.Module, images: torch.Tensor,
+                    context: RunContext | None = None) -> tuple[nn.Module, str]:
+        """The autoencoder for ``defense`` (built once per attack object: one cell)."""
         if self._ae is not None:
             return self._ae
         o = self.options
-        ctx = getattr(self, "context", {}) or {}
+        ctx = context or RunContext()
         name = o["autoencoder"]
         if not isinstance(name, str):  # a fitted semantic AE (or a defense holding one)
             ae = semantic_autoencoder_of(name)
@@ -130,14 +132,14 @@ class WrongLabelLatent(Attack):
             if own is not None:
                 self._ae = (own, "defense")
                 return self._ae
-        dataset = o["dataset"] or ctx.get("dataset") or _infer_dataset(images)
+        dataset = o["dataset"] or ctx.dataset or _infer_dataset(images)
         if name == "auto":
             name = DEFAULT_AUTOENCODER.get(dataset, "semantic_ae")
         from bench.artifacts import prepare_defense
 
         d, info = prepare_defense(name, dict(o["autoencoder_options"]), dataset=dataset,
-                                  dataset_options=ctx.get("dataset_options"),
-                                  device=str(images.device), preset=ctx.get("fit_preset", "quick"),
+                                  dataset_options=ctx.dataset_options,
+                                  device=str(images.device), preset=ctx.fit_preset,
                                   progress=False, log=lambda m: None)
         ae = semantic_autoencoder_of(d)
         if ae is None:
@@ -147,11 +149,11 @@ class WrongLabelLatent(Attack):
         return self._ae
 
     # the attack -------------------------------------------------------------------------------
-    def run(self, model, images, labels, eps):
+    def run(self, model, images, labels, eps, *, seed, context):
         o = self.options
         defense = unwrap(model)
-        ae, source = self.autoencoder(defense, images)
-        gen = torch.Generator().manual_seed(getattr(self, "current_seed", self.seed))
+        ae, source = self.autoencoder(defense, images, context)
+        gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             logits = defense(images)
             wrong = choose_wrong_labels(logits, labels, o["target"], gen)
@@ -170,7 +172,7 @@ class WrongLabelLatent(Attack):
 
     # the cell's report ------------------------------------------------------------------------
     def cell_report(self, extras: Iterable[Mapping[str, Any]], run_dir: str | Path,
-                    key: str = "") -> dict[str, Any]:
+                    key: str = "", *, context: RunContext | None = None) -> dict[str, Any]:
         """Aggregate the batches' records into :func:`wrong_label_report`, with the t-SNE figure
         written to ``<run_dir>/figures/wrong_label_latent_<defense>_<key[:12]>.{png,svg}``."""
         extras = list(extras)
@@ -182,8 +184,8 @@ class WrongLabelLatent(Attack):
         if not lat:
             return {"image": _means(dist)}
         cat = lambda f: [v for b in lat for v in b[f]]  # noqa: E731
-        ctx = getattr(self, "context", {}) or {}
-        slug = "".join(ch if ch.isalnum() else "_" for ch in str(ctx.get("defense", "defense")))
+        label = (context.defense if context is not None else None) or "defense"
+        slug = "".join(ch if ch.isalnum() else "_" for ch in str(label))
         fig = Path(run_dir) / "figures" / f"wrong_label_latent_{slug}_{key[:12]}"
         try:
             report = wrong_label_report(np.array(cat("z_clean")), np.array(cat("z_wrong")),
@@ -254,7 +256,7 @@ def wrong_label_report(z_clean: Any, z_wrong: Any, labels: Any, wrong_labels: An
         from sklearn.pipeline import make_pipeline
         from sklearn.preprocessing import StandardScaler
 
-        from defenses.latent_metrics import separation_scores
+        from bench.core.metrics import separation_scores
 
         probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000)).fit(z, y)
         pred = probe.predict(zw)

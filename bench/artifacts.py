@@ -8,7 +8,6 @@ explicitly for another dataset, resolution or configuration is REFUSED with a cl
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import time
@@ -18,8 +17,9 @@ from typing import Any
 
 import torch
 
-from bench import paths
-from bench.registry import DEFENSES
+from bench.core import paths
+from bench.core.hashing import file_sha256, json_sha256
+from bench.core.registry import DEFENSES
 
 
 class ArtifactError(ValueError):
@@ -56,7 +56,7 @@ def artifact_metadata(defense: Any, name: str, *, dataset: str, resolution: Any,
 
 
 def artifact_key(meta: dict[str, str]) -> str:
-    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
+    return json_sha256(meta, default=None)
 
 
 def save_artifact(defense: Any, path: Path, meta: dict[str, str]) -> str:
@@ -67,7 +67,7 @@ def save_artifact(defense: Any, path: Path, meta: dict[str, str]) -> str:
     tmp = path.with_suffix(".tmp")
     save_file(state, str(tmp), metadata=meta)
     tmp.replace(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def load_artifact(defense: Any, path: Path, expected: dict[str, str] | None = None,
@@ -225,7 +225,7 @@ def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
                          "config": json.dumps(defense.config(), sort_keys=True, default=str)}
         load_artifact(defense, Path(artifact), meta_expected, device=device)
         info.update(artifact=str(artifact),
-                    artifact_sha256=hashlib.sha256(Path(artifact).read_bytes()).hexdigest())
+                    artifact_sha256=file_sha256(Path(artifact)))
         defense.eval()
         return defense, info
     train = load_train(dataset, **load_kw)
@@ -252,15 +252,15 @@ def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
         info["fit_seconds"] = time.perf_counter() - t0
         save_artifact(defense, path, meta)
         fit_info = getattr(defense, "fit_info", None)
-        if fit_info:
+        if fit_info:  # wall time, history, ...: beside the artifact (not in it: same weights,
+            # same file)
             from bench.model_card import code_version
 
-            fit_info = {**fit_info, "code_version": code_version()}  # wall time, history, ...: beside the artifact (not in it: same weights,
-            # same file)
+            fit_info = {**fit_info, "code_version": code_version()}
             path.with_name(path.stem + ".fit.json").write_text(
                 json.dumps(fit_info, indent=1, sort_keys=True, default=str))
         resume.unlink(missing_ok=True)
-    info.update(artifact=str(path), artifact_sha256=hashlib.sha256(path.read_bytes()).hexdigest())
+    info.update(artifact=str(path), artifact_sha256=file_sha256(path))
     defense.eval()
     return defense, info
 

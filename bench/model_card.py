@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.models.checkpoint import sha256_file
+from bench.core.hashing import file_sha256 as sha256_file
 
 
 def shipped_filename(name: str, dataset: str, resolution: Any, preset: str) -> str:
@@ -71,7 +71,8 @@ def render_card(*, name: str, dataset: str, resolution: Any, preset: str, sha256
               f"| sha256 | `{sha256}` |",
               f"| architecture | {config.get('arch', '?')} |",
               f"| method | {config.get('method', name)} |",
-              f"| threat model trained for | Linf eps = {float(config.get('eps', 0)) * 255:.3g}/255 |",
+              f"| threat model trained for | Linf eps = "
+              f"{float(config.get('eps', 0)) * 255:.3g}/255 |",
               f"| initialisation | {fit_info.get('init') or config.get('init') or 'scratch'} |",
               f"| training data | {dataset} train split, {fit_info.get('train_images', '?')} "
               f"images (+{settings.get('val_images', 0)} held out for the per-epoch check); "

@@ -3,11 +3,12 @@ forward+backward loop of the same model at the same batch size.
 
     python benchmarks/attack_throughput.py [--rounds 5] [--steps 10] [--n 100]
 
-The PGD cell is :func:`bench.runner.attack_batch` with the registered ``pgd`` attack (torchattacks
-PGD under the harness's pass-counting tracer, then the epsilon check and the fp32 re-scoring);
-its rate is (batch-level backward passes the tracer counted) / (the cell's wall time), so the
-harness's extra forwards (PGD's success check, re-scoring) count AGAINST it. The raw loop does
-``steps`` x (forward, cross-entropy, ``torch.autograd.grad`` w.r.t. the input) and nothing else.
+The PGD cell is :func:`bench.harness.scoring.attack_batch` with the registered ``pgd`` attack
+(torchattacks PGD under the harness's pass-counting tracer, then the epsilon check and the fp32
+re-scoring); its rate is (batch-level backward passes the tracer counted) / (the cell's wall time),
+so the harness's extra forwards (PGD's success check, re-scoring) count AGAINST it. The raw loop
+does ``steps`` x (forward, cross-entropy, ``torch.autograd.grad`` w.r.t. the input) and nothing
+else.
 
 Target: cell rate / raw rate >= 0.9.
 """
@@ -16,10 +17,9 @@ from __future__ import annotations
 
 import argparse
 
-from _common import fmt_ratio, interleaved, ratio_stats, write_result
-
 import torch
 import torch.nn.functional as F
+from _common import fmt_ratio, interleaved, ratio_stats, write_result
 
 
 def main() -> None:
@@ -34,8 +34,9 @@ def main() -> None:
 
     from harness_overhead import setup
 
-    from bench.config import ComponentSpec
-    from bench.runner import attack_batch, create_attack, score
+    from bench.core.config import ComponentSpec
+    from bench.harness.planning import create_attack
+    from bench.harness.scoring import attack_batch, score
 
     data, defense, _, _, what = setup(args.n)
     x, y = data.images, data.labels

@@ -29,8 +29,8 @@ def main() -> None:
     ap.add_argument("--run-dir", help="[a temporary folder, removed afterwards]")
     args = ap.parse_args()
 
-    from bench.config import load_config
-    from bench.runner import MatrixRunner
+    from bench.core.config import load_config
+    from bench.harness.runner import MatrixRunner
 
     tmp = Path(tempfile.mkdtemp(prefix="rm-cached-"))
     run_dir = Path(args.run_dir) if args.run_dir else tmp / "run"

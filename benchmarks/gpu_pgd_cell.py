@@ -7,9 +7,9 @@ peak it reaches (issue 6's GPU figure). Runs on a CPU too (use a small ``--n`` t
 
 Measured in one process, alternating (A B A B ...):
 
-* ``cell``: the harness's batch step (:func:`bench.runner.attack_batch` with the registered
+* ``cell``: the harness's batch step (:func:`bench.harness.runner.attack_batch` with the registered
   ``pgd`` attack, 10 steps, Linf 8/255) over every batch of the test set, data on the device,
-  through :func:`bench.executors.attack_view` (autocast / channels-last as asked);
+  through :func:`bench.harness.executors.attack_view` (autocast / channels-last as asked);
 * ``raw``: 10 x (forward, cross-entropy, gradient w.r.t. the input) per batch and nothing else.
 
 Reported: images/s for both, their ratio, and the model FLOPs the cell performs per second
@@ -26,10 +26,9 @@ import argparse
 import statistics
 import time
 
-from _common import fmt_ratio, interleaved, machine, ratio_stats, write_result
-
 import torch
 import torch.nn.functional as F
+from _common import fmt_ratio, interleaved, machine, ratio_stats, write_result
 
 #: dense datasheet peaks, TFLOP/s, by (device-name fragment, dtype); fp32 without tensor cores
 DATASHEET = {("H100", "bf16"): 989.0, ("H100", "fp16"): 989.0, ("H100", "tf32"): 494.0,
@@ -70,11 +69,12 @@ def main() -> None:
     ap.add_argument("--tf32", action="store_true", help="allow TF32 matmuls/convolutions (CUDA)")
     args = ap.parse_args()
 
-    from bench.config import ComponentSpec
+    from bench.core.config import ComponentSpec
     from bench.data import load_eval
-    from bench.executors import Acceleration, attack_view
+    from bench.harness.executors import Acceleration, attack_view
+    from bench.harness.planning import create_attack
+    from bench.harness.scoring import attack_batch, score
     from bench.models import create_model
-    from bench.runner import attack_batch, create_attack, score
     from defenses.undefended import Undefended
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \

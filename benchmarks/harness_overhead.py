@@ -10,9 +10,9 @@ in one process, per round:
 * ``direct``: torchattacks.PGD / pyautoattack.AutoAttack called by hand, plus the one forward
   pass a user needs to score the adversarials (AutoAttack scores internally);
 * ``direct_attack_only``: the same without the scoring forward (PGD only);
-* ``attack_batch``: :func:`bench.runner.attack_batch` (the harness's batch step: pass counting
-  and tracing, the epsilon-ball check, fp32 re-scoring, best-iterate recovery);
-* ``runner``: a one-cell matrix through :class:`bench.runner.MatrixRunner` in a fresh run
+* ``attack_batch``: :func:`bench.harness.scoring.attack_batch` (the harness's batch step: pass
+  counting and tracing, the epsilon-ball check, fp32 re-scoring, best-iterate recovery);
+* ``runner``: a one-cell matrix through :class:`bench.harness.runner.MatrixRunner` in a fresh run
   directory (data from the decoded cache, defense build, clean cell, defense checks, the cell,
   the store, the adversarials on disk): the figure a user sees.
 
@@ -26,9 +26,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from _common import fmt_ratio, interleaved, ratio_stats, write_result
-
 import torch
+from _common import fmt_ratio, interleaved, ratio_stats, write_result
 
 
 def setup(n: int):
@@ -67,9 +66,10 @@ def main() -> None:
     import torchattacks
     from pyautoattack import AutoAttack as LibAutoAttack
 
-    from bench.config import config_from_dict
-    from bench.runner import MatrixRunner, attack_batch, create_attack, score
-    from bench.config import ComponentSpec
+    from bench.core.config import ComponentSpec, config_from_dict
+    from bench.harness.planning import create_attack
+    from bench.harness.runner import MatrixRunner
+    from bench.harness.scoring import attack_batch, score
 
     data, defense, ds, de, what = setup(args.n)
     x, y = data.images, data.labels

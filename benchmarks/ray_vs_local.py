@@ -42,8 +42,8 @@ def transfer_cost(ray, matrix: str, rounds: int = 5) -> dict[str, float]:
     the object store; worker: fetch and unpickle) vs ``rebuild`` (worker: registry build and
     artifact/checkpoint load from the shared cache), medians over ``rounds``, alternating."""
     from bench.artifacts import prepare_defense
-    from bench.config import load_config
-    from bench.executors import CellJob, RayExecutor, _worker_defense
+    from bench.core.config import load_config
+    from bench.harness.executors import CellJob, RayExecutor, _worker_defense
 
     cfg = load_config(matrix)
     de, ds = cfg.defenses[0], cfg.datasets[0]
@@ -86,8 +86,8 @@ def main() -> None:
     import ray
     import torch
 
-    from bench.config import load_config
-    from bench.runner import MatrixRunner
+    from bench.core.config import load_config
+    from bench.harness.runner import MatrixRunner
 
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)

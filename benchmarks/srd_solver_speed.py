@@ -28,8 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from defenses.sparse_coding import (cbpdn_objective, conv_bpdn, learn_conv_dictionary,  # noqa: E402
-                                    normalise_filters, sporco_conv_bpdn, tikhonov_split)
+from defenses.sparse_coding import (  # noqa: E402
+    cbpdn_objective,
+    conv_bpdn,
+    learn_conv_dictionary,
+    normalise_filters,
+    sporco_conv_bpdn,
+    tikhonov_split,
+)
 
 
 def load_images(n: int, size: int) -> tuple[torch.Tensor, str]:

@@ -28,9 +28,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
 
-    from bench.config import load_config
-    from bench.runner import MatrixRunner
-    from bench.store import ResultStore
+    from bench.core.config import load_config
+    from bench.core.store import ResultStore
+    from bench.harness.runner import MatrixRunner
     from leaderboard.table import build_records
 
     tmp = Path(tempfile.mkdtemp(prefix="rm-schedule-"))
@@ -54,7 +54,8 @@ def main() -> None:
             fwd = sum(c.forward_passes or 0 for c in cells)
             bwd = sum(c.backward_passes or 0 for c in cells)
             worst = {(x["dataset"], x["threat"], round(x["eps"], 8), x["defense"]):
-                     (x["worst_case"]["k"] if "k" in x["worst_case"] else x["worst_case"]["accuracy"])
+                     (x["worst_case"]["k"] if "k" in x["worst_case"]
+                      else x["worst_case"]["accuracy"])
                      for x in build_records(store)}
             o = out[sched]
             o["wall"].append(wall)

@@ -1,4 +1,4 @@
-"""Defenses. Each module registers its entries in ``bench.registry.DEFENSES``.
+"""Defenses. Each module registers its entries in ``bench.core.registry.DEFENSES``.
 
 Where to look: ``base.py`` (the contract), ``undefended.py`` (the baseline),
 ``semantic_autoencoder.py``, ``aae_detector.py``, ``spat.py`` (SPAT and PGD-AT),

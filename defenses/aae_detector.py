@@ -56,11 +56,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.registry import DEFENSES
+from bench.core.registry import DEFENSES
 from defenses.base import Defense, Detector
-from defenses.semantic_autoencoder import (ConvDecoder, ConvTrunk, _check_train, _named,
-                                           dataset_geometry, default_widths,
-                                           resolve_classifier_spec, spatial_sizes)
+from defenses.semantic_autoencoder import (
+    ConvDecoder,
+    ConvTrunk,
+    _check_train,
+    _named,
+    dataset_geometry,
+    default_widths,
+    resolve_classifier_spec,
+    spatial_sizes,
+)
 
 AAE_PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"epochs": 5},
@@ -474,16 +481,6 @@ class AAEDetectorDefense(Defense):
                             "component_fpr": float(detector.component_fpr)}
         self.fitted = True
         return self
-
-    def report(self, data: Any, out: Any, *, twin: Any = None) -> dict[str, Any]:
-        """FPR / detection rate / AUROC on ``data`` vs Gaussian noise and vs non-adaptive PGD on
-        the bare classifier, the clean codes' distance to the prior, and the t-SNE figure of the
-        codes (``out/tsne_codes.png|svg``); see :func:`defenses.latent_metrics.detector_report`."""
-        from pathlib import Path
-
-        from defenses.latent_metrics import detector_report
-
-        return detector_report(self, data, figure_path=Path(out) / "tsne_codes")
 
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "resolution": self.resolution,

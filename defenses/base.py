@@ -19,12 +19,13 @@ A submitted defense only has to subclass :class:`Defense` (or provide the same a
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
+
+from bench.core.hashing import state_dict_sha256
 
 
 class Preprocessor(nn.Module):
@@ -66,7 +67,8 @@ class Detector(nn.Module):
         return bool(torch.isfinite(self.threshold))
 
     @torch.no_grad()
-    def calibrate(self, clean_images: torch.Tensor, fpr: float = 0.05, batch_size: int = 256) -> float:
+    def calibrate(self, clean_images: torch.Tensor, fpr: float = 0.05,
+                  batch_size: int = 256) -> float:
         if not 0.0 < float(fpr) < 1.0:
             raise ValueError(f"false-positive rate must lie in (0, 1), got {fpr}; e.g. fpr=0.05")
         scores = torch.cat([self.score(clean_images[i:i + batch_size]).float().cpu()
@@ -170,16 +172,8 @@ class Defense(nn.Module):
 
     def fingerprint(self) -> str:
         """sha256 over the state dict (the checkpoint identity recorded with every cell)."""
-        h = hashlib.sha256()
-        for k, v in sorted(self.state_dict().items()):
-            h.update(k.encode())
-            if isinstance(v, torch.Tensor):
-                h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        return state_dict_sha256(self)
 
     def __repr__(self) -> str:  # short, provenance-friendly
         return f"{type(self).__name__}(structure={self.structure.as_dict()})"
 
-
-class PreprocessedDefense(Defense):
-    """Convenience: a classifier behind a preprocessor (e.g. a user's purifier)."""

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.registry import DEFENSES
+from bench.core.registry import DEFENSES
 from defenses.base import Defense, Preprocessor
 
 
@@ -101,7 +101,8 @@ class TransformDefense(Defense):
         model, sha = resolve_classifier(classifier, dataset=dataset, device=device,
                                         progress=progress)
         super().__init__(model, preprocessor=transform)
-        self.classifier_spec = classifier if isinstance(classifier, str) else type(classifier).__name__
+        self.classifier_spec = (classifier if isinstance(classifier, str)
+                                else type(classifier).__name__)
         self.classifier_sha256 = sha
 
     def config(self) -> dict[str, Any]:

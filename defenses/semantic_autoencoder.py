@@ -38,7 +38,6 @@ Registered as ``semantic_ae``, ``plain_ae`` (the plain twin), and ``test_semanti
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import time
@@ -48,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.registry import DEFENSES
+from bench.core.registry import DEFENSES
 from defenses.base import Defense, Preprocessor
 
 #: the classifier each dataset uses when none is given: the pinned akamaster ResNet-20 on CIFAR-10
@@ -58,13 +57,6 @@ DEFAULT_CLASSIFIERS = {
     "cifar10": "akamaster-resnet20",
     "imagenet10": "resnet18_imagenet@quick",
     "test_tiny": "test_tiny_cnn@tiny",
-}
-
-#: fallback geometry (num_classes, (C, H, W)) when ``bench.data.dataset_info`` is unavailable
-_FALLBACK_GEOMETRY = {
-    "cifar10": (10, (3, 32, 32)),
-    "imagenet10": (10, (3, 224, 224)),
-    "test_tiny": (10, (3, 16, 16)),
 }
 
 #: training presets of the semantic / plain autoencoder (an explicit ``epochs`` knob wins)
@@ -81,18 +73,10 @@ def dataset_geometry(dataset: str, resolution: int | None = None
                      ) -> tuple[int, tuple[int, int, int]]:
     """(num_classes, (C, H, W)) of ``dataset`` images, at ``resolution`` if given."""
     num_classes, shape = None, None
-    try:  # the data package is the source of truth when present
-        from bench.data import dataset_info
+    from bench.data import dataset_info
 
-        info = dataset_info(dataset, resolution=resolution)
-        num_classes, shape = int(info.num_classes), tuple(int(s) for s in info.shape)
-    except ImportError:  # an install without the data package: use the fallback table
-        pass
-    if num_classes is None or shape is None:
-        if dataset not in _FALLBACK_GEOMETRY:
-            raise ValueError(f"unknown dataset {dataset!r} for an autoencoder defense; "
-                             f"known: {sorted(_FALLBACK_GEOMETRY)}")
-        num_classes, shape = _FALLBACK_GEOMETRY[dataset]
+    info = dataset_info(dataset, resolution=resolution)
+    num_classes, shape = int(info.num_classes), tuple(int(s) for s in info.shape)
     if resolution is not None:
         shape = (shape[0], int(resolution), int(resolution))
     return num_classes, tuple(int(s) for s in shape)  # type: ignore[return-value]
@@ -113,26 +97,13 @@ def resolve_classifier_spec(classifier: str | nn.Module | None, dataset: str, de
             raise ValueError(f"no default classifier for dataset {dataset!r}: pass classifier=")
         classifier = DEFAULT_CLASSIFIERS[dataset]
     spec = classifier if isinstance(classifier, str) else type(classifier).__name__
-    try:
-        from bench.models import resolve_classifier
-    except ImportError:
-        if not isinstance(classifier, nn.Module):
-            raise
-        model = classifier.to(device).eval()  # a module needs no zoo
-        return model, state_dict_sha256(model), spec
+    from bench.models import resolve_classifier
+
     kwargs: dict[str, Any] = {"dataset": dataset, "device": device, "progress": progress}
     if resolution is not None and "resolution" in inspect.signature(resolve_classifier).parameters:
         kwargs["resolution"] = resolution
     model, sha = resolve_classifier(classifier, **kwargs)
     return model.eval(), sha, spec
-
-
-def state_dict_sha256(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        h.update(k.encode())
-        h.update(v.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 def spatial_sizes(size: int, stages: int) -> list[int]:
@@ -483,24 +454,6 @@ class SemanticAutoencoderDefense(Defense):
         self.train_seconds = time.perf_counter() - start
         self.fitted = True
         return self
-
-    # ``robustmatrix fit semantic_ae --report`` -------------------------------------------------
-    @property
-    def report_twin(self) -> str | None:
-        """The registered plain twin the report compares against (fitted or reused)."""
-        name = getattr(self, "registry_name", "semantic_ae")
-        return name.replace("semantic_ae", "plain_ae") if self.label_conditioned else None
-
-    def report(self, data: Any, out: Any, *, twin: Any = None) -> dict[str, Any]:
-        """The measured claim on ``data``: separation (silhouette, linear probe) and PSNR/SSIM
-        for this AE and its plain ``twin``, the decoded-image distance between the two, and the
-        t-SNE figure of both latent spaces (``out/tsne_latents.png|svg``)."""
-        from pathlib import Path
-
-        from defenses.latent_metrics import semantic_ae_report
-
-        return semantic_ae_report(self, data, plain=twin,
-                                  figure_path=Path(out) / "tsne_latents")
 
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "resolution": self.resolution,

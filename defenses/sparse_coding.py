@@ -35,7 +35,8 @@ import torch
 
 __all__ = [
     "cbpdn_objective", "conv_bpdn", "conv_reconstruct", "dictionary_fft", "lipschitz_constant",
-    "learn_conv_dictionary", "normalise_filters", "sporco_conv_bpdn", "sporco_learn_conv_dictionary",
+    "learn_conv_dictionary", "normalise_filters", "sporco_conv_bpdn",
+    "sporco_learn_conv_dictionary",
     "sporco_tikhonov_split", "tikhonov_split", "CBPDNInfo",
 ]
 
@@ -295,7 +296,8 @@ def _learn(S, D, g, lmbda, iterations, batch_size, coding_iterations, dictionary
         idx = order[pos:pos + bs]
         pos += bs
         Sb = S[idx.to(S.device)]
-        X0 = torch.stack([codes[int(i)] for i in idx]) if all(int(i) in codes for i in idx) else None
+        X0 = (torch.stack([codes[int(i)] for i in idx])
+              if all(int(i) in codes for i in idx) else None)
         X = conv_bpdn(D, Sb, lmbda, max_iter=coding_iterations, tol=0.0, X0=X0)
         if N <= 4096:  # warm starts are worth their memory only on small sets
             for j, i in enumerate(idx.tolist()):
@@ -306,9 +308,10 @@ def _learn(S, D, g, lmbda, iterations, batch_size, coding_iterations, dictionary
     return D
 
 
-def _dictionary_update(D: torch.Tensor, X: torch.Tensor, S: torch.Tensor, steps: int) -> torch.Tensor:
+def _dictionary_update(D: torch.Tensor, X: torch.Tensor, S: torch.Tensor,
+                       steps: int) -> torch.Tensor:
     N, M, H, W = X.shape
-    C, k = D.shape[1], D.shape[-1]
+    k = D.shape[-1]
     Xf = torch.fft.rfft2(X)
     Wr = Xf.shape[-1]
     Xm = _freq_major(Xf).contiguous()                       # (F, N, M)
@@ -319,7 +322,8 @@ def _dictionary_update(D: torch.Tensor, X: torch.Tensor, S: torch.Tensor, steps:
     XtS = XmH @ _freq_major(torch.fft.rfft2(S))             # (F, M, C)
     Z, Dprev, t = D, D, 1.0
     for _ in range(steps):
-        Zf = _freq_major(torch.fft.rfft2(Z.permute(1, 0, 2, 3), s=(H, W))).transpose(1, 2)  # (F, M, C)
+        Zf = _freq_major(torch.fft.rfft2(Z.permute(1, 0, 2, 3), s=(H, W))).transpose(1, 2)
+        # Zf: (F, M, C)
         Gf = Gram @ Zf - XtS                                # X^H (X d - s), (F, M, C)
         G = torch.fft.irfft2(_from_freq_major(Gf.transpose(1, 2), H, Wr), s=(H, W))  # (C, M, H, W)
         G = G.permute(1, 0, 2, 3)[..., :k, :k]
@@ -333,7 +337,8 @@ def _dictionary_update(D: torch.Tensor, X: torch.Tensor, S: torch.Tensor, steps:
 def sporco_learn_conv_dictionary(S: torch.Tensor, *, num_filters: int = 64, filter_size: int = 8,
                                  lmbda: float = 0.2, iterations: int = 50, seed: int = 0
                                  ) -> torch.Tensor:
-    """The reference learner: SPORCO's ``ConvBPDNDictLearn`` (ADMM, CPU, float64) -> (M, C, k, k)."""
+    """The reference learner: SPORCO's ``ConvBPDNDictLearn`` (ADMM, CPU, float64) ->
+    (M, C, k, k)."""
     from sporco.dictlrn import cbpdndl
 
     N, C, H, W = S.shape

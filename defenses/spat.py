@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bench.registry import DEFENSES
+from bench.core.registry import DEFENSES
 from defenses.base import Defense
 
 #: training presets; ``step_size_factor`` is the PGD step as a fraction of eps

@@ -56,12 +56,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from bench.registry import DEFENSES
+from bench.core.registry import DEFENSES
 from defenses.base import Defense, Preprocessor
-from defenses.sparse_coding import (conv_bpdn, conv_reconstruct, learn_conv_dictionary,
-                                    sporco_learn_conv_dictionary, tikhonov_split)
-from defenses.spat import (AUTO_INIT, FitStateMixin, adversarial_train, build_model,
-                           dataset_defaults, default_arch, images_and_labels, resolve_preset)
+from defenses.sparse_coding import (
+    conv_bpdn,
+    conv_reconstruct,
+    learn_conv_dictionary,
+    sporco_learn_conv_dictionary,
+    tikhonov_split,
+)
+from defenses.spat import (
+    AUTO_INIT,
+    FitStateMixin,
+    adversarial_train,
+    build_model,
+    dataset_defaults,
+    default_arch,
+    images_and_labels,
+    resolve_preset,
+)
 
 #: fit presets: the robust model's adversarial training and the dictionaries' sizes
 SRD_PRESETS: dict[str, dict[str, Any]] = {
@@ -304,7 +317,8 @@ class SRDDefense(FitStateMixin, Defense):
                  resolution: int | None = None, latent_weight: float = 0.3,
                  init_from_baseline: bool = True, max_clusters: int = 4, pca_dim: int = 32,
                  silhouette_min: float = 0.25, min_samples_per_class: int = 10,
-                 min_cluster_size: int = 2, kmeans_init: int = 10, tikhonov_lambda: float = 5.0, tikhonov_pad: int = 16,
+                 min_cluster_size: int = 2, kmeans_init: int = 10, tikhonov_lambda: float = 5.0,
+                 tikhonov_pad: int = 16,
                  num_filters: int | None = None, filter_size: int | None = None,
                  sparsity: float = 0.2, dict_iterations: int | None = None,
                  dict_batch_size: int | None = None, dict_coding_iterations: int | None = None,
@@ -491,24 +505,6 @@ class SRDDefense(FitStateMixin, Defense):
         self.fit_done.fill_(True)
         self.fitted = True
         return self
-
-    def report(self, data: Any, out: Any, *, twin: Any = None) -> dict[str, Any]:
-        """On clean ``data``: PSNR/SSIM of the purified images against their input, the robust
-        model's accuracy on raw vs purified images, how the clusters are used (share of images
-        per chosen cluster), and the fit's clustering figures when this process fitted it."""
-        from defenses.latent_metrics import batched_apply, purification_report
-
-        rep = purification_report(self, data)
-        p = self.purifier
-        chosen = batched_apply(p.nearest_cluster, data.images, next(self.parameters()).device)
-        counts = torch.bincount(chosen, minlength=p.num_clusters)
-        rep["clusters"] = {"count": int(p.num_clusters),
-                           "per_class": torch.bincount(p.cluster_class.cpu(),
-                                                       minlength=self.num_classes).tolist(),
-                           "share_chosen": (counts.float() / max(len(chosen), 1)).tolist()}
-        if getattr(self, "fit_info", None):
-            rep["fit"] = {k: v for k, v in self.fit_info.items() if k != "settings"}
-        return rep
 
     def config(self) -> dict[str, Any]:
         return {"dataset": self.dataset, "resolution": self.resolution, "arch": self.arch,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench.registry import DEFENSES
+from bench.core.registry import DEFENSES
 from defenses.base import Defense, Detector, Preprocessor
 from defenses.undefended import Undefended
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bench.registry import DEFENSES
+from bench.core.registry import DEFENSES
 from defenses.base import Defense
 
 
@@ -20,16 +20,19 @@ class Undefended(Defense):
 
         if classifier is None:
             classifier = f"{default_arch(dataset)}@{preset}"
-        model, sha = resolve_classifier(classifier, dataset=dataset, device=device, progress=progress)
+        model, sha = resolve_classifier(classifier, dataset=dataset, device=device,
+                                        progress=progress)
         super().__init__(model)
-        self.classifier_spec = classifier if isinstance(classifier, str) else type(classifier).__name__
+        self.classifier_spec = (classifier if isinstance(classifier, str)
+                                else type(classifier).__name__)
         self.classifier_sha256 = sha
 
     def config(self) -> dict:
         return {"classifier": self.classifier_spec, "classifier_sha256": self.classifier_sha256}
 
 
-DEFAULT_ARCH = {"cifar10": "resnet20", "imagenet10": "resnet18_imagenet", "test_tiny": "test_tiny_cnn"}
+DEFAULT_ARCH = {"cifar10": "resnet20", "imagenet10": "resnet18_imagenet",
+                "test_tiny": "test_tiny_cnn"}
 
 
 def default_arch(dataset: str) -> str:

@@ -19,7 +19,7 @@ Schema ``robustmatrix-entry-1`` (numbers stay numbers; accuracies are fractions 
                        attack, options, cell_key, adv_sha256, batches: [{batch, path, sha256}]}}
     worst_case        {accuracy, ci_low, ci_high, k, n}   per-sample AND over every attack
     flags             [{code, title, seen, try, attacks?, source?}]   cell + contract flags
-    validation        the contract-check report (bench/validate.py)
+    validation        the contract-check report (bench/harness/validate.py)
     cost              {forward_passes, backward_passes, attack_wall_time, total_wall_time,
                        fit_seconds}
     provenance        {code_version, packages, python, platform, device, date, seed,
@@ -32,7 +32,6 @@ Schema ``robustmatrix-entry-1`` (numbers stay numbers; accuracies are fractions 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -42,6 +41,7 @@ from typing import Any
 
 import pandas as pd
 
+from bench.core.hashing import json_sha256
 from leaderboard.table import _eps_label, _fmt, build_records, rank, wilson_interval
 
 SCHEMA = "robustmatrix-entry-1"
@@ -71,7 +71,7 @@ def entry_filename(entry: dict[str, Any]) -> str:
 
 # building entries from a run -----------------------------------------------------------------
 def _sha256_json(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+    return json_sha256(obj)
 
 
 def build_entries(store: Any, cells: list, *, metadata: dict[str, Any], run_dir: Path,
@@ -161,7 +161,8 @@ def write_entry(entry: dict[str, Any], folder: Path) -> Path:
     entry = {k: v for k, v in entry.items() if not k.startswith("_")}
     prov = entry.setdefault("provenance", {})
     if prov.get("run_dir"):
-        prov["run_dir_relative"] = os.path.relpath(Path(prov["run_dir"]).resolve(), folder.resolve())
+        prov["run_dir_relative"] = os.path.relpath(Path(prov["run_dir"]).resolve(),
+                                                   folder.resolve())
     path = folder / entry_filename(entry)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(entry, indent=2, default=str, allow_nan=False) + "\n")
@@ -271,7 +272,8 @@ def entries_tables(entries: list[dict[str, Any]], *, per_attack: bool = True,
             if per_attack:
                 for a in attacks:
                     acc = e["attacks"].get(a)
-                    row[f"{a} %"] = ("n/a" if acc is None else _fmt(acc) if acc.get("complete", True)
+                    row[f"{a} %"] = ("n/a" if acc is None
+                                     else _fmt(acc) if acc.get("complete", True)
                                      else f"({acc['n_attacked']} attacked)")
             row["Worst case %"] = _fmt(e["worst_case"])
             if show_cost:
@@ -326,11 +328,13 @@ def sample_entries() -> list[dict[str, Any]]:
             "clean": acc(clean),
             "attacks": {a: acc(k, complete=True, n_attacked=50, attack=a, options={},
                                cell_key=f"{slug(label)}-{slug(a)}", adv_sha256="cd" * 32,
-                               forward_passes=500, backward_passes=400, adaptive=a.startswith("bpda"),
+                               forward_passes=500, backward_passes=400,
+                               adaptive=a.startswith("bpda"),
                                batches=[{"batch": 0, "path": "adv/x/00000.safetensors",
                                          "sha256": "ef" * 32}])
                         for a, k in attacks.items()},
-            "worst_case": acc(worst), "flags": flags, "validation": {"passed": True, "findings": []},
+            "worst_case": acc(worst), "flags": flags,
+            "validation": {"passed": True, "findings": []},
             "cost": {"forward_passes": 500 * len(attacks), "backward_passes": 400 * len(attacks),
                      "attack_wall_time": 3.5, "total_wall_time": 12.25, "fit_seconds": 4.0},
             "provenance": {"code_version": "v0.1.0-test", "packages": {"torch": "2.x"},

@@ -15,7 +15,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from bench.store import ResultStore
+from bench.core.store import ResultStore
 from leaderboard.table import build_records, build_tables
 
 FORMATS = ("md", "csv", "json", "latex", "html")
@@ -246,18 +246,3 @@ def publish(entries: list[dict[str, Any]], out_dir: str | Path, *,
         paths["html"] = write_site(entries, out / "html", figures=figures,
                                    per_attack=per_attack, show_cost=show_cost)
     return paths
-
-
-def cmd_publish(args: Any) -> int:
-    from bench.submit import _log
-    from leaderboard.entries import load_entries
-
-    formats = parse_formats(args.format)
-    entries = load_entries(*args.entries)
-    paths = publish(entries, args.out, formats=formats, plots=not args.no_plots,
-                    per_attack=not args.worst_case_only, show_cost=args.show_cost)
-    if "md" in paths:
-        print(paths["md"].read_text())
-    _log(f"{len(entries)} entries published to {args.out}: "
-         + ", ".join(str(p) for k, p in paths.items() if ":" not in k))
-    return 0

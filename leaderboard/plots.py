@@ -80,7 +80,8 @@ def sweep_figure(entries: list[dict[str, Any]], title: str):
         ys = [100 * p["worst_case"]["accuracy"] for p in pts]
         lo = [100 * p["worst_case"]["ci_low"] for p in pts]
         hi = [100 * p["worst_case"]["ci_high"] for p in pts]
-        line, = ax.plot(xs, ys, marker="o", label=f"{e['defense']['label']} ({e['sweep']['attack']})")
+        line, = ax.plot(xs, ys, marker="o",
+                        label=f"{e['defense']['label']} ({e['sweep']['attack']})")
         ax.fill_between(xs, lo, hi, alpha=0.15, color=line.get_color())
         here = e["eps"] * (255 if e["threat"] == "linf" else 1)
         ax.axvline(here, color="grey", lw=0.6, ls=":")
@@ -159,7 +160,8 @@ def make_plots(entries: list[dict[str, Any]], out_dir: str | Path) -> dict[str, 
         pages.setdefault((dataset, threat), []).extend(es)
         name = f"{slug(dataset)}__{threat}__{eps_slug(threat, eps)}"
         fig = scatter_figure(es, f"{dataset}, {threat} eps {_eps_text(threat, eps)}")
-        res["boards"][(dataset, threat, eps)] = {"scatter": save(fig, out_dir / f"{name}__clean_vs_robust")}
+        res["boards"][(dataset, threat, eps)] = {
+            "scatter": save(fig, out_dir / f"{name}__clean_vs_robust")}
         for e in es:
             ename = f"{slug(e['defense']['label'])}__{name}"
             figs = {"attacks": save(attack_figure(e), out_dir / "entries" / f"{ename}__attacks")}

@@ -14,8 +14,8 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from bench.flags import format_flags
-from bench.store import ResultStore
+from bench.core.schema import format_flags
+from bench.core.store import ResultStore
 
 Z95 = 1.959963984540054
 
@@ -57,7 +57,7 @@ def build_records(store: ResultStore, keys: Iterable[str] | None = None
                   ) -> list[dict[str, Any]]:
     """One record per (dataset, threat, eps, defense): numbers stay numbers until rendering.
 
-    ``keys``: the cells to use (a run's own, :attr:`bench.runner.RunSummary.keys`); default:
+    ``keys``: the cells to use (a run's own, :attr:`bench.harness.runner.RunSummary.keys`); default:
     the current cells of the store (:meth:`ResultStore.current_keys`)."""
     df = store.samples_frame()
     df = df[df["cell_key"].isin(set(keys) if keys is not None else store.current_keys())]
@@ -115,7 +115,9 @@ def _fmt(acc: dict[str, Any]) -> str:
 def _eps_label(threat: str, eps: float) -> str:
     if threat == "linf":
         e255 = eps * 255
-        return f"Linf eps={round(e255)}/255" if abs(e255 - round(e255)) < 1e-6 else f"Linf eps={eps:.4g}"
+        if abs(e255 - round(e255)) < 1e-6:
+            return f"Linf eps={round(e255)}/255"
+        return f"Linf eps={eps:.4g}"
     return f"{threat.upper()} eps={eps:.4g}"
 
 

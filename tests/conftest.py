@@ -27,7 +27,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def shared_data():
-    from bench.paths import shared_data
+    from bench.core.paths import shared_data
 
     root = shared_data()
     if root is None:

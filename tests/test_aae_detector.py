@@ -10,9 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from bench.registry import DEFENSES
-from defenses.aae_detector import (AAEDetector, LatentPrior, detection_metrics, prior_distance,
-                                   train_aae)
+from bench.core.registry import DEFENSES
+from defenses.aae_detector import (
+    AAEDetector,
+    LatentPrior,
+    detection_metrics,
+    prior_distance,
+    train_aae,
+)
 from defenses.base import DefenseNotFittedError
 
 TINY = {"epochs": 6, "calibration_fraction": 0.3}

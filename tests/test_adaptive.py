@@ -4,12 +4,13 @@ is made for (gradient masking -> BPDA, randomness -> EOT, detector -> detector-a
 import pytest
 import torch
 
-from attacks.adaptive import (BPDAView, EOTView, RejectClassView, adaptive_attacks_for,
-                              adaptive_options, build_view)
-from bench.config import ComponentSpec, config_from_dict
-from bench.registry import create_attack
-from bench.runner import MatrixRunner, score
-from bench.store import ResultStore
+from attacks.adaptive import BPDAView, EOTView, RejectClassView, build_view
+from bench.core.config import ComponentSpec, config_from_dict
+from bench.core.registry import create_attack
+from bench.core.store import ResultStore
+from bench.harness.adaptive_policy import adaptive_attacks_for, adaptive_options
+from bench.harness.runner import MatrixRunner
+from bench.harness.scoring import score
 from leaderboard.table import build_records
 
 EPS = 8 / 255
@@ -147,7 +148,7 @@ class _NoGraph(torch.nn.Module):
 
 
 def test_unavailable_gradients_do_not_crash_plain_attacks(data):
-    from bench import flags as flagmod
+    from bench.harness import flags as flagmod
     from defenses.base import Defense
 
     x, y = data

@@ -178,8 +178,10 @@ def test_cli_refuses_a_foreign_resume_checkpoint_without_a_traceback(tmp_path):
 def test_standard_fit_without_a_train_split_is_one_line(tmp_path):
     root = tmp_path / "cifar"
     (root / "test" / "airplane").mkdir(parents=True)
+    # lr differs from the shipped artifact's, so this is a real fit and needs the train split
     out = _cli("fit", "pgd_at", "--dataset", "cifar10", "--preset", "standard",
-               "--data-root", str(root), "--device", "cpu", cache=tmp_path / "cache")
+               "--option", "lr=0.05", "--data-root", str(root), "--device", "cpu",
+               cache=tmp_path / "cache")
     assert out.returncode != 0
     assert "Traceback" not in out.stderr
     assert "train" in out.stderr.strip().splitlines()[-1]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from attacks.base import check_epsilon, perturbation_norm
-from bench.registry import ATTACKS, create_attack
-from bench.runner import score
+from bench.core.registry import ATTACKS, create_attack
+from bench.harness.scoring import score
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_unknown_threat_is_refused():
 def test_pgd_cell_equals_direct_torchattacks(tiny):
     import torchattacks
 
-    from bench.runner import attack_batch
+    from bench.harness.scoring import attack_batch
 
     model, x, y = tiny
     eps, steps, seed = 8 / 255, 5, 7
@@ -80,7 +80,7 @@ def test_pgd_cell_equals_direct_torchattacks(tiny):
 def test_autoattack_cell_equals_direct_pyautoattack(tiny):
     from pyautoattack import AutoAttack
 
-    from bench.runner import attack_batch
+    from bench.harness.scoring import attack_batch
 
     model, x, y = tiny
     eps, seed = 8 / 255, 3

@@ -11,8 +11,9 @@
   (``robustmatrix: error: ...``, exit 2) and loses nothing already stored; the same command
   resumes once space is back.
 
-The runs are real processes: children of :func:`bench.sandbox.run_isolated`'s forkserver
-(torch imported once), each running ``bench.cli.main`` with one torch thread.
+The runs are real processes: children of
+:func:`bench.harness.submission.sandbox.run_isolated`'s forkserver (torch imported once), each
+running ``bench.cli.main`` with one torch thread.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ import pytest
 import torch
 
 from bench.cli import main
-from bench.sandbox import run_isolated
-from bench.store import ResultStore
+from bench.core.store import ResultStore
+from bench.harness.submission.sandbox import run_isolated
 
 ARGS = ["run", "smoke", "--no-progress", "--batch-size", "5"]  # 20 images: 4 batches per cell
 KILL_ENV = "ROBUSTMATRIX_KILL_AFTER_BATCHES"

@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 import bench.data.core as core
-from bench import paths
+from bench.core import paths
+from bench.core.registry import DATASETS, list_datasets
 from bench.data import (
     DataError,
     LabeledImages,
@@ -27,7 +28,6 @@ from bench.data import (
 )
 from bench.data.cifar10 import CIFAR10_CLASSES, LOSSLESS_CSV
 from bench.data.imagenet10 import IMAGENETTE_CLASSES
-from bench.registry import DATASETS, list_datasets
 
 SHARED = paths.shared_data()
 needs_cifar = pytest.mark.skipif(SHARED is None or not (SHARED / "cifar10-jpeg").is_dir(),

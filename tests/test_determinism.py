@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from bench.sandbox import run_isolated
+from bench.harness.submission.sandbox import run_isolated
 
 ARGS = ["run", "smoke", "--no-progress", "--batch-size", "5"]
 VOLATILE = ("wall", "time", "date", "created", "finished", "run_dir", "pid", "host", "duration")

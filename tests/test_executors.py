@@ -1,5 +1,5 @@
-"""Executors (bench/executors.py): the Ray executor stores exactly what the local one stores,
-a killed Ray run resumes to the same results, the GPU path's switches, cost accounting.
+"""Executors (bench/harness/executors.py): the Ray executor stores exactly what the local one
+stores, a killed Ray run resumes to the same results, the GPU path's switches, cost accounting.
 
 Ray tests skip cleanly where ray is not importable; GPU tests carry ``@pytest.mark.gpu``.
 """
@@ -15,11 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.config import ConfigError, config_from_dict, load_config
-from bench.executors import (AttackView, ExecutorError, LocalExecutor, acceleration,
-                             make_executor, resolve_batch_size)
-from bench.runner import MatrixRunner
-from bench.store import ResultStore
+from bench.core.config import ConfigError, config_from_dict, load_config
+from bench.core.store import ResultStore
+from bench.harness.executors import (
+    AttackView,
+    ExecutorError,
+    LocalExecutor,
+    acceleration,
+    make_executor,
+    resolve_batch_size,
+)
+from bench.harness.runner import MatrixRunner
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -92,7 +98,7 @@ def test_local_executor_is_the_default_and_cpu_auto_batch():
 def test_amp_view_scores_in_fp32_and_changes_the_key(tmp_path):
     """amp: true attacks through a bfloat16 autocast view (CPU autocast here); re-scoring is
     fp32, so every stored robust flag agrees with an fp32 forward on the stored adversarial."""
-    from bench.runner import load_adv
+    from bench.harness.runner import load_adv
 
     cfg = smoke(tmp_path / "amp", amp=True, threat_models={"linf": [8 / 255]})
     accel = acceleration(cfg, "cpu")

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench import flags as flagmod
-from bench.config import config_from_dict
-from bench.runner import MatrixRunner
-from bench.store import ResultStore
+from bench.core.config import config_from_dict
+from bench.core.store import ResultStore
+from bench.harness import flags as flagmod
+from bench.harness.runner import MatrixRunner
 from leaderboard.table import build_records, build_tables
 
 
@@ -107,8 +107,9 @@ def test_loss_still_moving():
 
 
 def test_convergence_check_doubles_iterations(tiny):
-    from bench.config import ComponentSpec
-    from bench.runner import Scored, attack_batch, create_attack
+    from bench.core.config import ComponentSpec
+    from bench.harness.planning import create_attack
+    from bench.harness.scoring import Scored, attack_batch
 
     x, y = tiny
     d = _defense("test_undefended")
@@ -131,7 +132,6 @@ def test_convergence_check_doubles_iterations(tiny):
 # across cells ---------------------------------------------------------------------------------
 def _cell(store, key, *, dataset="cifar10", defense="d", attack, threat="linf", eps=8 / 255,
           robust, name=None, config=None, structure=None):
-    n = len(robust)
     spec = {"attack": name or attack, "attack_config": config or {}}
     store.begin_cell(key, dataset=dataset, defense=defense, attack=attack, threat=threat,
                      eps=eps, n_batches=1, spec=spec,
@@ -217,8 +217,8 @@ def test_honest_model_gets_no_flag_and_flags_reach_the_table(tmp_path):
 
 
 def test_config_validates_adaptive_and_checks():
-    from attacks.adaptive import ADAPTIVE_DEFAULTS
-    from bench.config import ADAPTIVE_KEYS, ConfigError
+    from bench.core.config import ADAPTIVE_KEYS, ConfigError
+    from bench.harness.adaptive_policy import ADAPTIVE_DEFAULTS
 
     assert set(ADAPTIVE_KEYS) == set(ADAPTIVE_DEFAULTS)
     base = {"defenses": ["test_undefended"], "attacks": ["test_pgd"]}

@@ -131,4 +131,5 @@ def test_svg_plots_are_reproducible(tmp_path):
     a = make_plots(es, tmp_path / "a")
     b = make_plots(es, tmp_path / "b")
     key = next(iter(a["pages"]))
-    assert a["pages"][key]["sweep"]["svg"].read_bytes() == b["pages"][key]["sweep"]["svg"].read_bytes()
+    assert (a["pages"][key]["sweep"]["svg"].read_bytes()
+            == b["pages"][key]["sweep"]["svg"].read_bytes())

@@ -32,9 +32,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import bench.runner
+import bench.harness.runner
 from bench.cli import main
-from bench.config import MAX_BATCH, MAX_N, THREATS, ConfigError, config_from_dict, load_config
+from bench.core.config import MAX_BATCH, MAX_N, THREATS, ConfigError, config_from_dict, load_config
 
 COUNTS = {"configs": 0, "configs_accepted": 0, "cli": 0, "cli_accepted": 0, "paths": 0,
           "files": 0}
@@ -266,12 +266,12 @@ def command_lines(draw):
 
 @contextlib.contextmanager
 def stub_runner():
-    real = bench.runner.MatrixRunner
-    bench.runner.MatrixRunner = StubRunner
+    real = bench.harness.runner.MatrixRunner
+    bench.harness.runner.MatrixRunner = StubRunner
     try:
         yield
     finally:
-        bench.runner.MatrixRunner = real
+        bench.harness.runner.MatrixRunner = real
 
 
 def run_cli(argv: list[str]) -> tuple[str, int | None, str]:
@@ -329,7 +329,7 @@ def test_run_dir_dot_dot_segments_are_normalised(tmp_path, monkeypatch):
     outcome, _, _ = run_cli(["run", "smoke", "--run-dir", "a/../b/./c/../run"])
     assert outcome == "accepted"
     cfg = config_from_dict({**SMOKE, "run_dir": "a/../b/./c/../run"})
-    from bench.runner import MatrixRunner
+    from bench.harness.runner import MatrixRunner
 
     runner = MatrixRunner(cfg, progress=False, log=lambda s: None)
     assert runner.run_dir == (tmp_path / "b" / "run").resolve()
@@ -389,7 +389,7 @@ def test_hostile_files_as_inputs_are_refused_on_one_line(tmp_path, capsys):
 
 
 def test_stored_paths_cannot_escape_the_run_directory(tmp_path):
-    from bench.runner import load_adv
+    from bench.harness.runner import load_adv
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -497,7 +497,7 @@ def test_bad_images_through_the_command_line(tmp_path, capsys, monkeypatch):
     def capture_group(self, group, data, summary):  # stop after the data are loaded
         loaded["data"] = data
 
-    monkeypatch.setattr(bench.runner.MatrixRunner, "_run_group", capture_group)
+    monkeypatch.setattr(bench.harness.runner.MatrixRunner, "_run_group", capture_group)
     cfg = tmp_path / "skip.yaml"
     cfg.write_text(yaml.safe_dump({**SMOKE, "n": 10, "datasets": [
         {"name": "cifar10", "root": str(tmp_path / "data"), "on_bad_image": "skip"}]}))

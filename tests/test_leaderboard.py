@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from bench.store import ResultStore
+from bench.core.store import ResultStore
 from leaderboard.formats import to_markdown
 from leaderboard.table import build_records, build_tables, rank, wilson_interval
 

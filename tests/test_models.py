@@ -5,16 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.models import (PRETRAINED, RECIPES, CheckpointError, ChecksumError, Normalize,
-                          TrainRecipe, create_model, load_checkpoint, load_classifier,
-                          resolve_classifier, save_checkpoint, sha256_file, state_dict_sha256,
-                          verify_sha256)
+from bench.core.registry import MODELS, RegistryError
+from bench.models import (
+    PRETRAINED,
+    RECIPES,
+    CheckpointError,
+    ChecksumError,
+    Normalize,
+    TrainRecipe,
+    create_model,
+    load_checkpoint,
+    load_classifier,
+    resolve_classifier,
+    save_checkpoint,
+    sha256_file,
+    state_dict_sha256,
+    verify_sha256,
+)
 from bench.models.pretrained import weights_file
 from bench.models.training import augment, balanced_subset, evaluate_accuracy
-from bench.registry import MODELS, RegistryError
 
 ARCHS = MODELS.list()
-HTML = b"<!DOCTYPE html>\n<html lang='en'><head><title>GitHub</title></head><body>...</body></html>\n"
+HTML = (b"<!DOCTYPE html>\n<html lang='en'><head><title>GitHub</title></head>"
+        b"<body>...</body></html>\n")
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ and PGD at 8/255 drives it to about 0%."""
 import pytest
 import torch
 
-from bench.paths import weights_roots
+from bench.core.paths import weights_roots
 
 pytestmark = pytest.mark.data
 
@@ -21,9 +21,9 @@ def resnet20(shared_data):
 
 
 def test_clean_and_pgd_on_lossless_images(resnet20, tmp_path):
-    from bench.config import config_from_dict
-    from bench.runner import MatrixRunner
-    from bench.store import ResultStore
+    from bench.core.config import config_from_dict
+    from bench.core.store import ResultStore
+    from bench.harness.runner import MatrixRunner
     from leaderboard.table import build_records
 
     cfg = config_from_dict({
@@ -40,7 +40,7 @@ def test_clean_and_pgd_on_lossless_images(resnet20, tmp_path):
 
 def test_clean_accuracy_on_jpeg_test_images(resnet20):
     from bench.data import load_split
-    from bench.runner import score
+    from bench.harness.scoring import score
 
     data = load_split("cifar10", "test")
     keep = [i for i, s in enumerate(data.sample_ids) if int(s.rsplit("/", 1)[1]) < 100]

@@ -1,6 +1,6 @@
 import pytest
 
-from bench.registry import ATTACKS, DATASETS, DEFENSES, MODELS, Registry, RegistryError
+from bench.core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, Registry, RegistryError
 
 
 def test_register_create_and_list():

@@ -8,9 +8,10 @@ import sys
 
 import pytest
 
-from bench.config import load_config
-from bench.runner import MatrixRunner, check_adversarials, AttackContractError
-from bench.store import ResultStore
+from bench.core.config import load_config
+from bench.core.store import ResultStore
+from bench.harness.runner import MatrixRunner
+from bench.harness.scoring import AttackContractError, check_adversarials
 from leaderboard.table import build_records
 
 
@@ -25,7 +26,8 @@ def smoke(tmp_path, **over):
 def rows_by_cell(db):
     con = sqlite3.connect(db)
     out = {}
-    for key, attack, threat in con.execute("SELECT key, attack, threat FROM cells WHERE status='done'"):
+    done = "SELECT key, attack, threat FROM cells WHERE status='done'"
+    for key, attack, threat in con.execute(done):
         out[(attack, threat)] = con.execute(
             "SELECT sample_id, clean_correct, adv_correct, robust, round(norm, 6) FROM samples "
             "WHERE cell_key=? ORDER BY idx", (key,)).fetchall()
@@ -122,7 +124,7 @@ def test_every_seed_defense_fits_and_runs_in_the_matrix_on_imagenet10(shared_dat
     """ImageNet-10 (the local Imagenette tree) at a configurable resolution (32 px here): every
     seed defense is fitted by the harness (tiny settings, 200-300 training images) and evaluated
     by the matrix runner, with the adaptive attacks its structure calls for."""
-    from bench.config import config_from_dict
+    from bench.core.config import config_from_dict
 
     if not (shared_data / "imagenette-224").is_dir():
         pytest.skip("no Imagenette tree in the shared data folder")

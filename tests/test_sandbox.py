@@ -1,7 +1,7 @@
-"""Submitted code runs isolated (bench/sandbox.py): a defense that crashes (``os._exit``, a
-segfault through ctypes), hangs, allocates without bound or raises is reported as exactly
-that, on one line, within its limits, and the parent process, its runner and its result store
-go on untouched. The submitted files are imported in the child only, never here."""
+"""Submitted code runs isolated (bench/harness/submission/sandbox.py): a defense that crashes
+(``os._exit``, a segfault through ctypes), hangs, allocates without bound or raises is reported
+as exactly that, on one line, within its limits, and the parent process, its runner and its
+result store go on untouched. The submitted files are imported in the child only, never here."""
 
 from __future__ import annotations
 
@@ -13,9 +13,15 @@ import time
 import pytest
 import torch
 
-from bench.sandbox import (SandboxError, SandboxResult, parse_size, probe_defense, run_isolated,
-                           submit_isolated)
-from bench.store import ResultStore
+from bench.core.store import ResultStore
+from bench.harness.submission.sandbox import (
+    SandboxError,
+    SandboxResult,
+    parse_size,
+    probe_defense,
+    run_isolated,
+    submit_isolated,
+)
 
 HOSTILE = '''
 import ctypes
@@ -349,7 +355,7 @@ def test_a_broken_defense_is_reported_and_the_parent_goes_on(hostile, tmp_path, 
 
 def test_a_crashing_submission_through_submit_isolated(hostile, tmp_path):
     """The whole ``submit`` in a child: the crash ends it with one line; nothing else runs."""
-    from bench.submit import Metadata, SubmitOptions
+    from bench.harness.submission.suites import Metadata, SubmitOptions
 
     opts = SubmitOptions(dataset="test_tiny", n=20, suite="test", fit_preset="tiny",
                          device="cpu", batch_size=10, run_dir=str(tmp_path / "run"),

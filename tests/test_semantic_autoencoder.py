@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from bench.registry import DEFENSES
+from bench.core.metrics import psnr, separation_scores, ssim
+from bench.core.registry import DEFENSES
+from bench.harness.reports import semantic_ae_report, tsne_figure
 from defenses.base import DefenseNotFittedError
-from defenses.latent_metrics import psnr, semantic_ae_report, separation_scores, ssim, tsne_figure
 
 TINY = {"epochs": 3}
 

@@ -9,11 +9,16 @@ import torch
 from torch import nn
 
 import defenses.spat as spat_mod
-from bench import paths
-from bench.registry import DEFENSES, create_defense
+from bench.core import paths
+from bench.core.registry import DEFENSES, create_defense
 from defenses.base import DefenseNotFittedError
-from defenses.spat import (AT_PRESETS, adversarial_train, default_arch, pgd_perturb,
-                           shared_pixel_weights)
+from defenses.spat import (
+    AT_PRESETS,
+    adversarial_train,
+    default_arch,
+    pgd_perturb,
+    shared_pixel_weights,
+)
 
 EPS = 8 / 255
 
@@ -190,7 +195,8 @@ def test_presets_and_default_architectures():
     assert spat_mod.resolve_init("auto", "cifar10", "resnet20", "quick") == "akamaster-resnet20"
     assert spat_mod.resolve_init("auto", "cifar10", "resnet20", "full") is None
     assert spat_mod.resolve_init("auto", "test_tiny", "test_tiny_cnn", "quick") is None
-    assert spat_mod.resolve_init("resnet20@quick", "cifar10", "resnet20", "full") == "resnet20@quick"
+    assert (spat_mod.resolve_init("resnet20@quick", "cifar10", "resnet20", "full")
+            == "resnet20@quick")
     d = create_defense("test_pgd_at")
     assert d.init is None and d.config()["init"] is None
     s = d.training_settings("full")

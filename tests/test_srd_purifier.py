@@ -1,4 +1,5 @@
-"""SRD purifier (defenses/srd_purifier.py) and its sparse-coding solver (defenses/sparse_coding.py)."""
+"""SRD purifier (defenses/srd_purifier.py) and its sparse-coding solver
+(defenses/sparse_coding.py)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,21 @@ import torch
 from torch import nn
 
 import defenses.srd_purifier as srd_mod
-from bench import paths
-from bench.registry import DEFENSES, create_defense
+from bench.core import paths
+from bench.core.registry import DEFENSES, create_defense
 from defenses.base import DefenseNotFittedError
-from defenses.sparse_coding import (cbpdn_objective, conv_bpdn, conv_reconstruct,
-                                    dictionary_fft, learn_conv_dictionary, lipschitz_constant,
-                                    normalise_filters, sporco_conv_bpdn, sporco_tikhonov_split,
-                                    tikhonov_split)
+from defenses.sparse_coding import (
+    cbpdn_objective,
+    conv_bpdn,
+    conv_reconstruct,
+    dictionary_fft,
+    learn_conv_dictionary,
+    lipschitz_constant,
+    normalise_filters,
+    sporco_conv_bpdn,
+    sporco_tikhonov_split,
+    tikhonov_split,
+)
 from defenses.srd_purifier import SRDPurifier, cluster_latents, latent_distribution_loss
 
 
@@ -60,7 +69,8 @@ def test_conv_reconstruct_is_circular_convolution_with_top_left_origin():
     for m in range(2):
         for a in range(3):
             for b in range(3):
-                expected += D[m, :, a, b].view(1, 3, 1, 1) * torch.roll(X[:, m:m + 1], (a, b), (2, 3))
+                expected += (D[m, :, a, b].view(1, 3, 1, 1)
+                             * torch.roll(X[:, m:m + 1], (a, b), (2, 3)))
     assert torch.allclose(conv_reconstruct(D, X), expected, atol=1e-12)
 
 
@@ -158,7 +168,8 @@ def test_latent_distribution_loss():
     y = torch.zeros(2, dtype=torch.long)
     assert float(loss(f, y, torch.tensor([0, 0])).detach()) == pytest.approx(0.0, abs=1e-6)
     value = loss(f, y, torch.tensor([1, 1]))
-    expected = 0.3 * (float(torch.tensor([5.0, 5.0]).norm()) + float(torch.tensor([0.5, 0.5]).norm()))
+    expected = 0.3 * (float(torch.tensor([5.0, 5.0]).norm())
+                      + float(torch.tensor([0.5, 0.5]).norm()))
     assert float(value.detach()) == pytest.approx(expected, rel=1e-5)
     value.backward()
     assert f.grad is not None and float(f.grad.abs().sum()) > 0

@@ -107,7 +107,7 @@ def test_published_in_every_format(submitted, tmp_path, capsys):
 
 # verify catches tampering ----------------------------------------------------------------------
 def _failed(path, **kw):
-    from bench.verify import verify_entry
+    from bench.harness.submission.verify import verify_entry
 
     rep = verify_entry(path, rerun=0, log=lambda m: None, **kw)
     return rep, {c.name for c in rep.checks if not c.ok}
@@ -252,7 +252,7 @@ def probe():
 
 @pytest.mark.parametrize("case", list(CONTRACT_CASES), ids=list(CONTRACT_CASES))
 def test_contract_violations_are_named_with_their_fix(case, probe):
-    from bench.validate import validate_defense
+    from bench.harness.validate import validate_defense
 
     factory, check, severity = CONTRACT_CASES[case]
     rep = validate_defense(factory(), *probe, num_classes=10)
@@ -265,7 +265,7 @@ def test_contract_violations_are_named_with_their_fix(case, probe):
 
 
 def test_honest_defenses_pass(probe):
-    from bench.validate import validate_defense
+    from bench.harness.validate import validate_defense
 
     for d in (_defense(), _nondiff_declared()):
         rep = validate_defense(d, *probe, num_classes=10)

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -183,7 +181,7 @@ def test_a_forged_torchvision_cifar_folder_is_refused(tmp_path):
 
 def test_the_sandbox_refuses_a_payload_as_a_result(tmp_path):
     """What a sandboxed submission hands back is read with weights_only=True too."""
-    from bench.sandbox import run_isolated
+    from bench.harness.submission.sandbox import run_isolated
 
     marker = tmp_path / "sandbox.marker"
     code = tmp_path / "submitted.py"

@@ -9,10 +9,10 @@ import torch
 
 from attacks.base import perturbation_norm
 from attacks.wrong_label_latent import choose_wrong_labels, wrong_label_report
-from bench.config import config_from_dict
-from bench.registry import create_attack
-from bench.runner import MatrixRunner
-from bench.store import ResultStore
+from bench.core.config import config_from_dict
+from bench.core.registry import create_attack
+from bench.core.store import ResultStore
+from bench.harness.runner import MatrixRunner
 
 
 @pytest.fixture(scope="module")
@@ -98,9 +98,9 @@ def test_in_the_matrix_report_and_figure_are_stored(tmp_path):
 
 
 def test_added_automatically_for_latent_defenses(setup):
-    from attacks.adaptive import adaptive_plans
-    from bench.config import ComponentSpec, DatasetSpec
-    from bench.runner import CellPlan
+    from bench.core.config import ComponentSpec, DatasetSpec
+    from bench.harness.adaptive_policy import adaptive_plans
+    from bench.harness.planning import CellPlan
 
     latent_defense, weak, _, _ = setup
     ds, pgd = DatasetSpec("test_tiny", 20), ComponentSpec("test_pgd")

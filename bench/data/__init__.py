@@ -2,7 +2,7 @@
 
 ``load_split`` / ``load_eval`` / ``load_train`` return :class:`LabeledImages`;
 ``dataset_info`` describes a dataset without loading it. Builtin entries of
-``bench.registry.DATASETS``: ``cifar10``, ``imagenet10`` and the synthetic ``test_tiny``.
+``bench.core.registry.DATASETS``: ``cifar10``, ``imagenet10`` and the synthetic ``test_tiny``.
 """
 
 from bench.data import cifar10, imagenet10, synthetic  # noqa: F401  (importing registers them)

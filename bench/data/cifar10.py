@@ -8,8 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from bench.core.registry import DATASETS
 from bench.data.core import DataError, ImageDataset, LabeledImages, LoadRequest, resize_square
-from bench.registry import DATASETS
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]

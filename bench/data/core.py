@@ -1,7 +1,7 @@
 """The dataset interface: :class:`LabeledImages`, the loaders and the decoded-tensor cache.
 
 Every dataset (``cifar10``, ``imagenet10``, ``test_tiny``) is an :class:`ImageDataset` subclass
-registered in :data:`bench.registry.DATASETS`; the module-level functions below are the
+registered in :data:`bench.core.registry.DATASETS`; the module-level functions below are the
 interface the rest of the harness codes against (``docs/architecture.md``).
 
 Order and ids. A loaded split is in class-major order: by label, then by the image's position
@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from bench import paths
-from bench.registry import DATASETS
+from bench.core import paths
+from bench.core.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
@@ -519,7 +519,7 @@ def load_split(dataset: str | ImageDataset, split: str = "test", *,
     """The whole ``split`` of ``dataset``, in class-major order, decoded once and cached.
 
     ``source="auto"`` tries, for each data root in turn (``root``, else
-    :func:`bench.paths.data_roots`), a class-folder tree then already-downloaded torchvision
+    :func:`bench.core.paths.data_roots`), a class-folder tree then already-downloaded torchvision
     files, and finally a torchvision download into ``<cache>/data`` (``download``; by default
     only when no ``root`` was given). ``"lossless-csv"`` (CIFAR-10 test, 100 images) is only
     used when asked for. ``on_bad_image="skip"`` leaves out corrupt or wrongly sized images

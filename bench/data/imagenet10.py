@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from bench.core.registry import DATASETS
 from bench.data.core import DataError, ImageDataset, LabeledImages, LoadRequest
-from bench.registry import DATASETS
 
 #: (WNID, human-readable name) in label order (WNIDs sorted, as ImageFolder orders them)
 IMAGENETTE_CLASSES = [

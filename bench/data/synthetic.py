@@ -9,8 +9,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from bench.core.registry import DATASETS
 from bench.data.core import DataError, ImageDataset, LabeledImages, LoadRequest, resize_square
-from bench.registry import DATASETS
 
 #: one colour per class (RGB in [0, 1]); with the stripe angle it identifies the class
 _PALETTE = np.array([

@@ -8,7 +8,6 @@ identified by its sha256, which results carry as provenance.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -16,6 +15,9 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from bench.core.hashing import file_sha256 as sha256_file
+from bench.core.hashing import state_dict_sha256 as state_dict_sha256
 
 METADATA_KEY = "robustmatrix"
 FORMAT_VERSION = 1
@@ -27,14 +29,6 @@ class CheckpointError(ValueError):
 
 class ChecksumError(CheckpointError):
     """A weights file whose sha256 is not the expected one."""
-
-
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def looks_like_html(path: str | os.PathLike) -> bool:
@@ -63,18 +57,6 @@ def verify_sha256(path: str | os.PathLike, expected: str) -> str:
             f"sha256 mismatch for {path}: expected {expected.lower()}, got {actual}"
             f"{_html_hint(path)}; delete the file and download it again")
     return actual
-
-
-def state_dict_sha256(model_or_state: nn.Module | dict[str, torch.Tensor]) -> str:
-    """A content hash of a state dict (names, dtypes, shapes and bytes, in name order), for
-    models that exist only in memory."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def _json_default(obj: Any) -> Any:
@@ -148,7 +130,7 @@ def load_checkpoint(path: str | os.PathLike, sha256: str | None = None, *,
     With ``sha256`` the file is verified before anything is read from it."""
     from safetensors.torch import load_file
 
-    from bench.registry import create_model
+    from bench.core.registry import create_model
 
     if sha256 is not None:
         if not Path(path).is_file():

@@ -14,9 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.models.layers import (CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD,
-                                 Normalize, finish)
-from bench.registry import MODELS
+from bench.core.registry import MODELS
+from bench.models.layers import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Normalize,
+    finish,
+)
 
 
 class BasicBlock(nn.Module):

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from bench.core.registry import MODELS
 from bench.models.layers import IMAGENET_MEAN, IMAGENET_STD, Normalize, finish
-from bench.registry import MODELS
 
 
 class ImageNetResNet(nn.Module):

@@ -48,7 +48,7 @@ def as_floats(values: Sequence[float] | float) -> list[float]:
 
 def finish(model: nn.Module, arch: str, num_classes: int, **arch_kwargs: Any) -> nn.Module:
     """Attach the metadata every zoo model carries: ``arch``, ``arch_kwargs`` (what
-    :func:`bench.registry.create_model` needs, besides ``num_classes``, to rebuild it) and
+    :func:`bench.core.registry.create_model` needs, besides ``num_classes``, to rebuild it) and
     ``num_classes``."""
     model.arch = arch
     model.num_classes = int(num_classes)

@@ -1,6 +1,6 @@
 """Pinned third-party weights: name -> (arch, url, sha256, filename, converter, normalisation).
 
-A file is looked up by name in :func:`bench.paths.weights_roots` (``$ROBUSTMATRIX_WEIGHTS``,
+A file is looked up by name in :func:`bench.core.paths.weights_roots` (``$ROBUSTMATRIX_WEIGHTS``,
 ``../shared/weights``, ``~/.cache/robustmatrix/weights``); if absent it is downloaded from the
 pinned URL into ``cache_dir()/weights``. Either way its sha256 is verified BEFORE the file is
 parsed. The legacy formats are torch pickles: they are read with ``torch.load(...,
@@ -20,12 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import paths
+from bench.core import paths
 from bench.models.checkpoint import CheckpointError, ChecksumError, looks_like_html, verify_sha256
 from bench.models.layers import IMAGENET_MEAN, IMAGENET_STD
 
 
-def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
+def _strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module."
+                  ) -> dict[str, torch.Tensor]:
     return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
 
 
@@ -109,8 +110,9 @@ def weights_file(entry: PretrainedEntry, *, progress: bool = False,
                 verify_sha256(candidate, entry.sha256)
                 return candidate
     if not download:
-        raise FileNotFoundError(f"weights for '{entry.name}' not found (looked for {entry.filename} "
-                                f"in {', '.join(str(r) for r in paths.weights_roots())})")
+        raise FileNotFoundError(f"weights for '{entry.name}' not found (looked for "
+                                f"{entry.filename} in "
+                                f"{', '.join(str(r) for r in paths.weights_roots())})")
     dest_dir = paths.cache_dir() / "weights"
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / entry.filename
@@ -121,7 +123,8 @@ def weights_file(entry: PretrainedEntry, *, progress: bool = False,
         if tmp.exists():
             tmp.unlink()
         raise OSError(f"cannot download weights for '{entry.name}' from {entry.url} ({exc}); put "
-                      f"{entry.filename} in one of {', '.join(str(r) for r in paths.weights_roots())} "
+                      f"{entry.filename} in one of "
+                      f"{', '.join(str(r) for r in paths.weights_roots())} "
                       "or set $ROBUSTMATRIX_WEIGHTS") from exc
     try:
         verify_sha256(tmp, entry.sha256)
@@ -152,7 +155,7 @@ def load_pretrained(name: str | PretrainedEntry, *, device: str | torch.device =
                     ) -> tuple[nn.Module, str]:
     """Build the pinned model ``name``; return ``(model.eval(), sha256 of the weights file)``.
     ``path`` overrides the lookup with a local copy of the file (still verified)."""
-    from bench.registry import create_model
+    from bench.core.registry import create_model
 
     entry = name if isinstance(name, PretrainedEntry) else get_entry(name)
     if path is not None:
@@ -173,8 +176,9 @@ def load_pretrained(name: str | PretrainedEntry, *, device: str | torch.device =
 
 def get_entry(name: str) -> PretrainedEntry:
     if name not in PRETRAINED:
-        from bench.registry import RegistryError
         import difflib
+
+        from bench.core.registry import RegistryError
 
         close = difflib.get_close_matches(name, list(PRETRAINED), n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

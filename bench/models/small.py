@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.core.registry import MODELS
 from bench.models.layers import CIFAR10_MEAN, CIFAR10_STD, Normalize, finish
-from bench.registry import MODELS
 
 
 class TinyCNN(nn.Module):

@@ -67,7 +67,7 @@ def get_recipe(recipe: str | TrainRecipe) -> TrainRecipe:
     if recipe not in RECIPES:
         import difflib
 
-        from bench.registry import RegistryError
+        from bench.core.registry import RegistryError
 
         close = difflib.get_close_matches(str(recipe), list(RECIPES), n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

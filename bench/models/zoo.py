@@ -10,7 +10,6 @@ training, and a change of data or recipe trains afresh.
 from __future__ import annotations
 
 import difflib
-import hashlib
 import json
 import logging
 import os
@@ -20,12 +19,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from bench import paths
-from bench.models.checkpoint import (CheckpointError, load_checkpoint, save_checkpoint,
-                                     sha256_file, state_dict_sha256)
+from bench.core import paths
+from bench.core.hashing import text_sha256
+from bench.core.registry import MODELS, RegistryError, create_model
+from bench.models.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+    state_dict_sha256,
+)
 from bench.models.pretrained import PRETRAINED, load_pretrained
-from bench.models.training import RECIPES, TrainRecipe, evaluate_accuracy, get_recipe, train_classifier
-from bench.registry import MODELS, RegistryError, create_model
+from bench.models.training import (
+    RECIPES,
+    TrainRecipe,
+    evaluate_accuracy,
+    get_recipe,
+    train_classifier,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +50,7 @@ def classifier_cache_key(arch: str, dataset: str, recipe: TrainRecipe, train_fin
     blob = json.dumps({"arch": arch, "dataset": dataset, "resolution": resolution,
                        "recipe": fields, "train_fingerprint": train_fingerprint,
                        "training_version": TRAINING_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
+    return text_sha256(blob)
 
 
 def _channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:

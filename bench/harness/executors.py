@@ -2,10 +2,10 @@
 
 The unit of work is ONE BATCH OF ONE CELL (a shard): the same batches, in the same order and
 with the same per-batch seed (``cfg.seed + batch index``) whatever the executor, so every
-executor stores identical per-sample results. The driver (:class:`bench.runner.MatrixRunner`)
-owns the result store; an executor only computes batches and hands each result back through
-the job's ``on_batch`` callback, which writes it in one transaction. A killed run therefore
-resumes from the store whatever the executor was.
+executor stores identical per-sample results. The driver
+(:class:`bench.harness.runner.MatrixRunner`) owns the result store; an executor only computes
+batches and hands each result back through the job's ``on_batch`` callback, which writes it in
+one transaction. A killed run therefore resumes from the store whatever the executor was.
 
 * :class:`LocalExecutor` (default, ``executor: local``): in-process, synchronous, batch after
   batch: exactly the loop the runner always had.
@@ -44,7 +44,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from bench.config import EXECUTOR_OPTIONS, EXECUTORS, ConfigError
+from bench.core.config import EXECUTOR_OPTIONS, EXECUTORS, ConfigError
+from bench.core.schema import SampleRow
 
 #: ``batch_size: auto`` on a CPU (larger batches do not pay there; fixed, so keys are stable)
 CPU_AUTO_BATCH = 100
@@ -67,25 +68,25 @@ class BatchOutput:
 
     batch: int
     idx: torch.Tensor  # positions in the evaluation set (CPU)
-    rows: list[dict]
+    rows: list[SampleRow]
     adv: torch.Tensor | None
     records: dict
     wall_time: float
     mutated: bool = False  # the defense's sha256 changed while computing it (Ray workers)
 
 
-def clean_rows(y: torch.Tensor, clean) -> list[dict]:
+def clean_rows(y: torch.Tensor, clean) -> list[SampleRow]:
     """The rows of a clean cell: the clean scores, nothing attacked."""
-    return [{"label": int(y[i]), "attacked": 0, "clean_correct": int(clean.correct[i]),
-             "clean_flagged": int(clean.flagged[i]), "adv_correct": int(clean.correct[i]),
-             "adv_flagged": int(clean.flagged[i]),
-             "robust": int(clean.correct[i] and not clean.flagged[i]), "norm": 0.0,
-             "iterations": 0, "forward_passes": 1, "backward_passes": 0,
-             "adv_pred": int(clean.pred[i])} for i in range(len(y))]
+    return [SampleRow(label=int(y[i]), attacked=0, clean_correct=int(clean.correct[i]),
+                      clean_flagged=int(clean.flagged[i]), adv_correct=int(clean.correct[i]),
+                      adv_flagged=int(clean.flagged[i]),
+                      robust=int(clean.correct[i] and not clean.flagged[i]), norm=0.0,
+                      iterations=0, forward_passes=1, backward_passes=0,
+                      adv_pred=int(clean.pred[i])) for i in range(len(y))]
 
 
 def run_batch(defense, attack, x: torch.Tensor, y: torch.Tensor, clean, *, eps: float, seed: int,
-              draws: int, attack_model: nn.Module | None = None
+              draws: int, attack_model: nn.Module | None = None, context: Any = None
               ) -> tuple[list[dict], torch.Tensor | None, dict]:
     """Compute one batch of one cell: ``(rows, adversarials or None, records)``.
 
@@ -95,10 +96,11 @@ def run_batch(defense, attack, x: torch.Tensor, y: torch.Tensor, clean, *, eps: 
     """
     if attack is None:
         return clean_rows(y, clean), None, {}
-    from bench.runner import attack_batch
+    from bench.harness.scoring import attack_batch
 
     kw = {} if attack_model is None or attack_model is defense else {"attack_model": attack_model}
-    return attack_batch(defense, attack, x, y, eps, clean=clean, seed=seed, draws=draws, **kw)
+    return attack_batch(defense, attack, x, y, eps, clean=clean, seed=seed, draws=draws,
+                        context=context, **kw)
 
 
 # the GPU path --------------------------------------------------------------------------------
@@ -271,6 +273,8 @@ class CellJob:
     recipe: dict = field(default_factory=dict)
     on_batch: Callable[[BatchOutput], None] = lambda out: None
     on_done: Callable[[bool], None] = lambda mutated: None  # argument: the defense was mutated
+    #: the run context every attack call of the cell gets (:class:`attacks.base.RunContext`)
+    context: Any = None
 
 
 class Executor:
@@ -313,14 +317,15 @@ class Executor:
 
     def _run_here(self, job: CellJob, b: int, idx: torch.Tensor, x_all, y_all, clean
                   ) -> BatchOutput:
-        from bench.runner import Scored
+        from bench.harness.scoring import Scored
 
         t0 = time.perf_counter()
         x, y = x_all[idx.to(x_all.device)], y_all[idx.to(y_all.device)]
         cl = Scored(clean.pred[idx], clean.correct[idx], clean.flagged[idx])
         model = self.view(job.defense) if job.attack is not None else None
         rows, adv, records = run_batch(job.defense, job.attack, x, y, cl, eps=job.eps,
-                                       seed=job.seed + b, draws=job.draws, attack_model=model)
+                                       seed=job.seed + b, draws=job.draws, attack_model=model,
+                                       context=job.context)
         return BatchOutput(b, idx, rows, adv, records, time.perf_counter() - t0)
 
 
@@ -428,7 +433,8 @@ class RayExecutor(Executor):
             self.num_cpus = float(most_cpus)
         if self.num_gpus and not any(n.get("GPU", 0) >= min(self.num_gpus, 1) for n in nodes):
             raise ExecutorError(f"the Ray cluster has no node with {self.num_gpus:g} GPU(s) for "
-                                "the cuda device; add GPU nodes, lower num_gpus or use --device cpu")
+                                "the cuda device; add GPU nodes, lower num_gpus or use "
+                                "--device cpu")
         self._remote = ray.remote(_ray_batch)
 
     def close(self) -> None:
@@ -511,7 +517,8 @@ class RayExecutor(Executor):
         while self._queued and len(self._pending) < cap:
             job, handle, b, idx, (x, y, cl) = self._queued.pop(0)
             ref = self._remote.options(num_cpus=self.num_cpus, num_gpus=self.num_gpus).remote(
-                handle, job.attack, x, y, cl, job.eps, job.seed + b, job.draws, b, idx)
+                handle, job.attack, x, y, cl, job.eps, job.seed + b, job.draws, b, idx,
+                job.context)
             self._pending[ref] = (job, b, idx)
             self._submitted[ref] = time.perf_counter()
 
@@ -593,9 +600,10 @@ def _worker_defense(handle: dict) -> tuple[Any, nn.Module]:
     return hit
 
 
-def _ray_batch(handle: dict, attack, x, y, clean_parts, eps, seed, draws, b, idx) -> BatchOutput:
+def _ray_batch(handle: dict, attack, x, y, clean_parts, eps, seed, draws, b, idx,
+               context=None) -> BatchOutput:
     """A Ray task: compute batch ``b`` of a cell on this worker."""
-    from bench.runner import Scored
+    from bench.harness.scoring import Scored
 
     os.environ.update(handle["env"])
     torch.set_num_threads(handle["threads"])
@@ -605,7 +613,7 @@ def _ray_batch(handle: dict, attack, x, y, clean_parts, eps, seed, draws, b, idx
     x, y = x.to(device), y.to(device)
     cl = Scored(*(t.to(device) for t in clean_parts))
     rows, adv, records = run_batch(defense, attack, x, y, cl, eps=eps, seed=seed, draws=draws,
-                                   attack_model=view)
+                                   attack_model=view, context=context)
     wall = time.perf_counter() - t0
     sha = handle["sha256"]
     mutated = bool(sha) and hasattr(defense, "fingerprint") and defense.fingerprint() != sha

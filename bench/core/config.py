@@ -6,8 +6,6 @@ Validation happens here, before anything runs or is stored, and every problem is
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import re
 from dataclasses import asdict, dataclass, field
@@ -16,9 +14,12 @@ from typing import Any
 
 import yaml
 
-PRESETS_DIR = Path(__file__).parent / "presets"
-THREATS = ("linf", "l2", "none")
-SCHEDULES = ("full", "worst-case")
+from bench.core.hashing import json_sha256
+from bench.core.schema import Schedule, Threat
+
+PRESETS_DIR = Path(__file__).parent.parent / "presets"
+THREATS = Threat.values()
+SCHEDULES = Schedule.values()
 ADAPTIVE_KEYS = ("enabled", "eot_draws", "transfer", "reject_class", "rand_autoattack", "square",
                  "square_queries", "wrong_label_latent", "pgd_steps", "detector_weight",
                  "detector_margin")
@@ -74,7 +75,7 @@ class BenchmarkConfig:
     threat_models: dict[str, list[float]] = field(default_factory=lambda: {"linf": []})
     seed: int = 0
     device: str = "auto"
-    #: examples per batch, or "auto" (fills the device, see bench/executors.py)
+    #: examples per batch, or "auto" (fills the device, see bench/harness/executors.py)
     batch_size: int | str = 100
     #: "local" (in-process) or "ray" (a task per batch; executor_options: EXECUTOR_OPTIONS);
     #: neither changes results, so neither is in the config hash
@@ -90,9 +91,9 @@ class BenchmarkConfig:
     fit_preset: str = "quick"
     run_dir: str = "runs/default"
     #: adaptive attacks chosen from each defense's structure: true/false or a mapping of
-    #: options (ADAPTIVE_KEYS; defaults in attacks/adaptive.py)
+    #: options (ADAPTIVE_KEYS; defaults in bench/harness/adaptive_policy.py)
     adaptive: Any = True
-    #: optional reliability checks (CHECK_KEYS; see bench/flags.py), e.g.
+    #: optional reliability checks (CHECK_KEYS; see bench/harness/flags.py), e.g.
     #: {convergence_subset: 16, large_eps_subset: 16}
     checks: dict[str, Any] = field(default_factory=dict)
 
@@ -103,7 +104,7 @@ class BenchmarkConfig:
         d = self.to_dict()
         for k in ("run_dir", "executor", "executor_options"):
             d.pop(k, None)
-        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+        return json_sha256(d)
 
 
 _TOP_KEYS = {f for f in BenchmarkConfig.__dataclass_fields__}
@@ -170,7 +171,8 @@ def _component(item: Any, where: str) -> ComponentSpec:
     if isinstance(item, dict):
         item = dict(item)
         if "name" not in item:
-            raise ConfigError(f"{where}: each entry needs a 'name' key, got keys {sorted(map(str, item))}")
+            raise ConfigError(f"{where}: each entry needs a 'name' key, got keys "
+                              f"{sorted(map(str, item))}")
         name = _name(item.pop("name"), where + ".name")
         label = item.pop("label", "") or ""
         if not isinstance(label, str) or not label.isprintable() or len(label) > 200:

@@ -61,7 +61,8 @@ class Registry(Generic[T]):
     def register_lazy(self, name: str, target: str) -> None:
         """Register ``"module.path:attribute"``; imported on first ``create``."""
         if ":" not in target:
-            raise RegistryError(f"lazy {self.kind} '{name}' must be 'module:attribute', got {target!r}")
+            raise RegistryError(f"lazy {self.kind} '{name}' must be 'module:attribute', "
+                                f"got {target!r}")
         self._add(name, target)
 
     def _add(self, name: str, obj: Callable[..., T] | str) -> None:
@@ -81,7 +82,8 @@ class Registry(Generic[T]):
         if self.entry_point_group:
             for ep in metadata.entry_points(group=self.entry_point_group):
                 if ep.name not in self._entries:
-                    self._entries[ep.name] = ep.value if ":" in ep.value else ep.value + ":" + ep.name
+                    self._entries[ep.name] = (ep.value if ":" in ep.value
+                                              else ep.value + ":" + ep.name)
 
     # lookup -------------------------------------------------------------------------------
     def __contains__(self, name: str) -> bool:

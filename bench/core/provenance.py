@@ -8,7 +8,7 @@ import subprocess
 import time
 from importlib import metadata
 
-from bench import paths
+from bench.core import paths
 
 PACKAGES = ("robustmatrix", "torch", "torchvision", "torchattacks", "pyautoattack", "numpy")
 

@@ -50,8 +50,8 @@ interpreter per call). Never ``fork``: the parent may hold threads and CUDA stat
 Use in the harness (``robustmatrix submit``): :func:`probe_defense` imports, builds and runs a
 submitted defense on a few images in a child (refusing a crashing / hanging / memory-hungry one
 with a clear message before anything else runs); :func:`submit_isolated` runs the whole
-``bench.submit.submit`` in a child, which writes the result store itself (a crash there loses
-at most the batch in progress; the same command resumes).
+``bench.harness.submission.submit.submit`` in a child, which writes the result store itself
+(a crash there loses at most the batch in progress; the same command resumes).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ DEFAULT_TIMEOUT = 3600.0
 DEFAULT_MEMORY_LIMIT = 8 << 30
 #: modules the forkserver imports once (children start with them loaded)
 PRELOAD = ("torch", "torch._dynamo", "torch.optim", "numpy", "pandas", "safetensors.torch",
-           "bench.registry", "bench.artifacts", "bench.data", "bench.models", "defenses.base",
+           "bench.core.registry", "bench.artifacts", "bench.data", "bench.models", "defenses.base",
            "attacks.base")
 STATUSES = ("ok", "exception", "memory", "timeout", "crash", "bad_result")
 _OUTPUT_TAIL = 8000
@@ -539,7 +539,7 @@ def _probe_child(spec: str, options: dict[str, Any], dataset: str, images: Any,
     import torch
 
     from bench.artifacts import prepare_defense
-    from bench.submit import load_submission, register_submission
+    from bench.harness.submission.load import load_submission, register_submission
 
     obj, source = load_submission(spec)
     name = register_submission(obj, source, label or source.get("class") or "defense")
@@ -567,7 +567,8 @@ def probe_defense(spec: str, images: Any, *, dataset: str, options: dict[str, An
 
 
 def _submit_child(spec: str, meta: dict[str, Any], opts: dict[str, Any]) -> dict[str, Any]:
-    from bench.submit import Metadata, SubmitOptions, submit
+    from bench.harness.submission.submit import submit
+    from bench.harness.submission.suites import Metadata, SubmitOptions
 
     def log(msg: str) -> None:
         print(f"robustmatrix: {msg}", file=sys.stderr, flush=True)
@@ -581,9 +582,9 @@ def _submit_child(spec: str, meta: dict[str, Any], opts: dict[str, Any]) -> dict
 
 
 def submit_isolated(spec: str, meta: Any, opts: Any, **limits: Any) -> SandboxResult:
-    """``bench.submit.submit`` in a sandboxed child; ``meta`` and ``opts`` are the
-    ``Metadata`` / ``SubmitOptions`` dataclasses (or dicts of their fields). The child writes
-    the result store and the entries; ``value`` is ``{"entries", "run_dir", "registry_name",
+    """``bench.harness.submission.submit.submit`` in a sandboxed child; ``meta`` and ``opts``
+    are the ``Metadata`` / ``SubmitOptions`` dataclasses (or dicts of their fields). The child
+    writes the result store and the entries; ``value`` is ``{"entries", "run_dir", "registry_name",
     "validation", "wall_time"}``. A failure keeps every batch already committed (rerun resumes).
     By default the child's output goes to this process's stderr (progress, log lines)."""
     m = asdict(meta) if hasattr(meta, "__dataclass_fields__") else dict(meta)

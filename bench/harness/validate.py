@@ -23,12 +23,14 @@ entry) and ``info`` (reported only).
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from bench.core.hashing import state_dict_sha256
+from bench.harness import checks
 
 SEVERITIES = ("fatal", "error", "warning", "info")
 
@@ -54,7 +56,7 @@ class Finding:
     fix: str = ""
 
     def as_flag(self) -> dict[str, Any]:
-        """The leaderboard flag dict (code, title, seen, try), like :mod:`bench.flags`."""
+        """The leaderboard flag dict (code, title, seen, try), like :mod:`bench.harness.flags`."""
         return {"code": f"contract_{self.check}", "title": CHECK_TITLES.get(self.check, self.check),
                 "seen": self.problem, "try": self.fix, "source": "validation",
                 "severity": self.severity}
@@ -97,7 +99,8 @@ class ValidationReport:
         if not blocking:
             return None
         first = blocking[0]
-        more = f" (and {len(blocking) - 1} more problem(s), listed above)" if len(blocking) > 1 else ""
+        more = (f" (and {len(blocking) - 1} more problem(s), listed above)"
+                if len(blocking) > 1 else "")
         hint = "" if forced or first.severity == "fatal" else (
             "; or pass --force to record it as a flag on the entry")
         return (f"submission refused: {first.check}: {first.problem} Fix: {first.fix}"
@@ -118,12 +121,7 @@ class ValidationError(ValueError):
 
 # helpers ------------------------------------------------------------------------------------
 def _state_fingerprint(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for k, v in sorted(module.state_dict().items()):
-        if isinstance(v, torch.Tensor):
-            h.update(k.encode())
-            h.update(v.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()
+    return state_dict_sha256(module)
 
 
 def _training_modules(module: nn.Module) -> list[str]:
@@ -241,7 +239,7 @@ def validate_defense(defense: nn.Module, images: torch.Tensor, labels: torch.Ten
 
     # randomness: declared vs observed ------------------------------------------------------
     outs = [out] + [_forward(defense, x, seed + k).float() for k in (1, 2, 3)]
-    diff = max(float((o - out).abs().max()) for o in outs[1:])
+    diff = checks.max_difference(outs)
     scale = float(out.abs().max()) + 1e-8
     observed_random = diff > 1e-5 * max(1.0, scale)
     rep.observed["randomness_max_diff"] = diff
@@ -260,7 +258,8 @@ def validate_defense(defense: nn.Module, images: torch.Tensor, labels: torch.Ten
 
     # batch independence (batch statistics at test time) -----------------------------------
     if not observed_random and len(x) >= 2:
-        single = torch.cat([_forward(defense, x[i:i + 1], seed).float() for i in range(min(4, len(x)))])
+        single = torch.cat([_forward(defense, x[i:i + 1], seed).float()
+                            for i in range(min(4, len(x)))])
         bdiff = float((single - out[:len(single)]).abs().max())
         rep.observed["batch_dependence_max_diff"] = bdiff
         if bdiff > 1e-3 * max(1.0, scale):
@@ -271,9 +270,7 @@ def validate_defense(defense: nn.Module, images: torch.Tensor, labels: torch.Ten
                     "on its own).")
 
     # logits, not probabilities -------------------------------------------------------------
-    rows_prob = (out.min() >= 0) and (out.max() <= 1) and bool(
-        torch.allclose(out.sum(1), torch.ones(len(out), device=out.device), atol=1e-3))
-    if rows_prob:
+    if checks.looks_like_probabilities(out):
         rep.add("logits", "error", "every output row lies in [0, 1] and sums to 1: the defense "
                 "returns probabilities, not logits (gradient attacks on softmax outputs suffer "
                 "vanishing gradients, which overstates robustness).", "return the logits: drop the "
@@ -301,8 +298,7 @@ def validate_defense(defense: nn.Module, images: torch.Tensor, labels: torch.Ten
         seen = f"input gradients are unavailable ({err})"
         bad = len(x)
     else:
-        g = grad.flatten(1)
-        bad = int(((g.abs().sum(1) == 0) | ~torch.isfinite(g).all(1)).sum())
+        bad = int(checks.bad_gradients(grad).sum())
         seen = f"input gradients are zero or NaN on {bad}/{len(x)} images"
     rep.observed["gradient_bad_samples"] = bad
     if bad:
@@ -326,20 +322,10 @@ def _input_gradient(defense: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: 
                     ) -> tuple[torch.Tensor | None, str]:
     """Gradient of the logit margin (true class minus best other class), which, unlike
     cross-entropy, does not underflow to zero on confidently classified images."""
-    xg = x.detach().clone().requires_grad_(True)
-    devices = [x.device] if x.device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.manual_seed(seed)
-            out = defense(xg).float()
-            true = out.gather(1, y.view(-1, 1)).squeeze(1)
-            other = out.masked_fill(nn.functional.one_hot(y, out.shape[1]).bool(),
-                                    float("-inf")).amax(1)
-            (grad,) = torch.autograd.grad((true - other).sum(), xg, allow_unused=True)
-    except RuntimeError as exc:
-        return None, str(exc).splitlines()[0][:160]
+    grad, err = checks.input_gradient(defense, x, y, loss=checks.margin_loss, seed=seed)
     if grad is None:
-        return None, "the output does not depend on the input through autograd"
+        return None, (err[:160] if err
+                      else "the output does not depend on the input through autograd")
     return grad, ""
 
 

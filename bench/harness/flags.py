@@ -1,6 +1,6 @@
 """Automatic flags for unreliable evaluations (EVALUATION.md, "Automatic checks"). Each flag is
 a dict ``{code, title, seen, try}`` stored with the cell and shown in the leaderboard's Flags
-column (:func:`format_flags`).
+column (:func:`bench.core.schema.format_flags`; codes and advice in ``FLAG_DOCS`` there).
 
 Where each check runs:
 
@@ -24,71 +24,15 @@ Where each check runs:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterable, Mapping
 
 import torch
 
-FLAG_DOCS: dict[str, tuple[str, str]] = {
-    "randomness": ("Randomised defense",
-                   "attack with EOT (eot+pgd; autoattack version=rand) and score the worst of "
-                   "several draws (random_draws)"),
-    "probability_outputs": ("Outputs look like probabilities",
-                            "return logits; cross-entropy on softmax outputs has vanishing "
-                            "gradients (attack the logits or use a margin loss)"),
-    "zero_gradients": ("Zero, NaN or missing input gradients",
-                       "gradient masking: use BPDA (identity or surrogate backward) or a "
-                       "black-box attack (square)"),
-    "silent_success": ("Attack did not return its best iterate",
-                       "return the best iterate (an adversarial iterate was seen but the "
-                       "returned point is not adversarial)"),
-    "non_convergence": ("Attack has not converged",
-                        "more steps or restarts; check the step size"),
-    "blackbox_beats_whitebox": ("Black-box or transfer attack beats the white-box attacks",
-                                "gradient masking: use BPDA/EOT, more steps or restarts, another "
-                                "loss; the worst case already counts the black-box points"),
-    "non_monotone_eps": ("Robust accuracy rises with epsilon",
-                         "the attack fails at larger budgets: check step sizes, add steps or "
-                         "restarts"),
-    "above_chance_large_eps": ("Accuracy above chance at Linf eps >= 0.5",
-                               "at eps 0.5 every image can be turned grey: the attack is failing "
-                               "(gradient masking or a bug)"),
-    "unbounded_attack_fails": ("Effectively unbounded attack below ~100% success",
-                               "an unbounded attack must always succeed: gradient masking or a "
-                               "bug; try BPDA, EOT, a black-box attack"),
-    "implausible_detector": ("Detector robustness implausibly high (Tramer 2021)",
-                             "a detector robust at eps gives a classifier robust at eps/2: its "
-                             "number beats the best known classifier at eps/2; run "
-                             "detector-aware attacks with more steps, check for masking"),
-    "surrogate_transfer_failure": ("BPDA surrogate does not transfer",
-                                   "points adversarial on the surrogate are not adversarial on "
-                                   "the real defense: improve the surrogate, try identity BPDA, "
-                                   "EOT or more steps"),
-    "dynamic_defense": ("AutoAttack: dynamic defense suspected",
-                        "the model computes gradients in its forward; AutoAttack may be "
-                        "insufficient, use adaptive attacks"),
-}
-
-
-def flag(code: str, seen: str, **extra: Any) -> dict[str, Any]:
-    title, suggestion = FLAG_DOCS.get(code, (code, ""))
-    return {"code": code, "title": title, "seen": seen, "try": suggestion, **extra}
-
-
-def format_flags(flags: Iterable[Mapping[str, Any]], *, detail: bool = True) -> str:
-    """The leaderboard's Flags cell: ``code: what was seen (try: what to do)`` per flag."""
-    flags = list(flags)
-    if not flags:
-        return "-"
-    if not detail:
-        return ", ".join(f["code"] for f in flags)
-    parts = []
-    for f in flags:
-        where = f.get("attacks")
-        where = f" [{', '.join(dict.fromkeys(where))}]" if where else ""
-        tip = f" (try: {f['try']})" if f.get("try") else ""
-        parts.append(f"{f['code']}{where}: {f.get('seen', '')}{tip}")
-    return "; ".join(parts)
+from bench.core.schema import CLEAN, AttackKind, flag
+from bench.harness import checks as checks_
+from bench.harness.scoring import AUTOATTACK_PATTERNS
+from bench.harness.scoring import loss_still_moving as loss_still_moving  # re-exported
+from bench.harness.scoring import result_records as result_records  # re-exported
 
 
 # -----------------------------------------------------------------------------------------------
@@ -106,34 +50,22 @@ def defense_checks(defense, images: torch.Tensor, labels: torch.Tensor, *, seed:
     large-epsilon sanity run when ``checks['large_eps_subset']`` > 0)."""
     flags = []
     x, y = images[:n], labels[:n]
-    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        torch.manual_seed(seed)
+    with checks_.seeded(x, seed):
         outs = [_forward(defense, x) for _ in range(3)]
     declared = bool(defense.structure.random) if hasattr(defense, "structure") else False
-    diff = max(float((o - outs[0]).abs().max()) for o in outs[1:])
+    diff = checks_.max_difference(outs)
     if diff > 1e-4:
         flags.append(flag("randomness", f"repeated forward passes differ by up to {diff:.3g}"
                           + ("" if declared else " although the defense does not declare "
                              "randomness"), declared=declared))
-    o = outs[0]
-    ones = torch.ones(len(o), device=o.device)
-    if o.min() >= 0 and o.max() <= 1 and torch.allclose(o.sum(1), ones, atol=1e-3):
+    if checks_.looks_like_probabilities(outs[0]):
         flags.append(flag("probability_outputs", "every output row lies in [0, 1] and sums to 1"))
-    xg = x.clone().requires_grad_(True)
-    try:
-        with torch.enable_grad():
-            out = defense(xg)
-            loss = torch.nn.functional.cross_entropy(out.float(), y)
-            (grad,) = torch.autograd.grad(loss, xg, allow_unused=True)
-    except RuntimeError as exc:  # no graph at all
-        grad, err = None, str(exc).splitlines()[0]
-    else:
-        err = ""
+    grad, err = checks_.input_gradient(defense, x, y)  # cross-entropy, as attacks use it
     if grad is None:
         flags.append(flag("zero_gradients", "input gradients are unavailable" +
                           (f" ({err})" if err else "")))
     else:
-        bad = (grad.flatten(1).abs().sum(1) == 0) | ~torch.isfinite(grad.flatten(1)).all(1)
+        bad = checks_.bad_gradients(grad)
         if bad.any():
             flags.append(flag("zero_gradients", f"{int(bad.sum())}/{len(bad)} samples have zero "
                               "or NaN input gradients"))
@@ -148,8 +80,8 @@ def large_eps_check(defense, images: torch.Tensor, labels: torch.Tensor, *, n: i
     """PGD (Linf, ``eps`` 0.5) on ``n`` samples: accuracy must not exceed chance and success on
     the clean-correct ones must be ~100% (EVALUATION.md check 7). Classification only: a
     detector's rejections do not count here, the check is about the attack's gradients."""
-    from bench.registry import create_attack
-    from bench.runner import score
+    from bench.core.registry import create_attack
+    from bench.harness.scoring import score
 
     x, y = images[:n], labels[:n]
     with torch.no_grad():
@@ -190,42 +122,6 @@ class _NoDetect(torch.nn.Module):
 # -----------------------------------------------------------------------------------------------
 # per cell
 # -----------------------------------------------------------------------------------------------
-#: AutoAttack's log messages (pyautoattack checks.py) -> our flag codes
-AUTOATTACK_PATTERNS = {
-    "seems to be a randomized defense": "randomness",
-    "output is a probability distribution": "probability_outputs",
-    "points with zero gradient": "zero_gradients",
-    "Square Attack has decreased the robust accuracy": "blackbox_beats_whitebox",
-    "seems to be a dynamic defense": "dynamic_defense",
-}
-
-
-def autoattack_warnings(lines: Iterable[str]) -> list[str]:
-    """AutoAttack's check warnings among its captured log lines (deduplicated, in order)."""
-    return list(dict.fromkeys(line for line in lines
-                              if any(p in line for p in AUTOATTACK_PATTERNS)))
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
-        return v.detach().cpu().tolist()
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-def result_records(result) -> dict[str, Any]:
-    """Batch records taken from an AttackResult's ``extras`` (all but the raw log) plus
-    AutoAttack's check warnings from its FULL log (the stored log is truncated)."""
-    out = {k: _jsonable(v) for k, v in result.extras.items() if k != "log"}
-    warn = autoattack_warnings(result.extras.get("log") or [])
-    if warn:
-        out["autoattack_warnings"] = warn
-    return out
 
 
 #: batch-record keys summed over a cell's batches
@@ -276,22 +172,11 @@ def attack_checks(records: Mapping[str, Any]) -> list[dict]:
     return flags
 
 
-def loss_still_moving(trace: torch.Tensor | None, tail: float = 0.2, tol: float = 0.05) -> float:
-    """Relative increase of the mean loss over the last ``tail`` of the steps (0 if flat)."""
-    if trace is None or trace.ndim < 1 or len(trace) < 5:
-        return 0.0
-    m = trace.float().reshape(len(trace), -1).mean(1)
-    k = max(2, int(len(m) * tail))
-    start, end = float(m[-k]), float(m[-1])
-    rel = (end - start) / (abs(start) + 1e-8)
-    return rel if rel > tol else 0.0
-
-
 def doubled_spec(spec, threat: str):
     """The same attack with doubled iterations (steps, n_iter or n_queries; inside
     ``inner_options`` for wrappers), or None when the attack has no iteration knob."""
-    from bench.config import ComponentSpec
-    from bench.runner import create_attack
+    from bench.core.config import ComponentSpec
+    from bench.harness.planning import create_attack
 
     def double(opts: dict[str, Any], attack) -> dict[str, Any] | None:
         have = attack.options
@@ -306,7 +191,7 @@ def doubled_spec(spec, threat: str):
     attack = create_attack(spec, threat)
     new = double(dict(spec.options), attack)
     if new is None and "inner" in attack.options:
-        from bench.registry import ATTACKS
+        from bench.core.registry import ATTACKS
 
         inner_opts = dict(attack.options.get("inner_options") or {})
         inner = ATTACKS.create(attack.options["inner"], threat=threat, **inner_opts)
@@ -322,7 +207,8 @@ def convergence_check(defense, spec, threat: str, eps: float, images: torch.Tens
     """Re-run ``spec`` with doubled iterations on ``checks['convergence_subset']`` clean-correct
     samples of a finished cell (its stored ``rows``); flag a change of robust accuracy above
     ``checks['convergence_tol']`` (default 0.05)."""
-    from bench.runner import Scored, attack_batch, create_attack
+    from bench.harness.planning import create_attack
+    from bench.harness.scoring import Scored, attack_batch
 
     checks = checks or {}
     n = int(checks.get("convergence_subset", 0) or 0)
@@ -383,17 +269,17 @@ def attack_kind(cell) -> str:
     """white-box, black-box, transfer, semantic, or clean (from the stored spec)."""
     spec = cell.spec or {}
     name = spec.get("attack", cell.attack)
-    if name == "clean":
-        return "clean"
+    if name == CLEAN:
+        return AttackKind.CLEAN.value
     conf = spec.get("attack_config") or {}
     if conf.get("kind"):
         return conf["kind"]
     if name == "square" or (name.startswith("autoattack") and
                             list(conf.get("attacks") or []) == ["square"]):
-        return "black-box"
+        return AttackKind.BLACK_BOX.value
     if name == "wrong_label_latent":
-        return "semantic"
-    return "white-box"
+        return AttackKind.SEMANTIC.value
+    return AttackKind.WHITE_BOX.value
 
 
 def matrix_checks(store, *, reference: Mapping | None = None,

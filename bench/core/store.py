@@ -24,17 +24,15 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
+
+from bench.core.hashing import text_sha256
+from bench.core.schema import SAMPLE_FIELDS, SampleRow
 
 SCHEMA_VERSION = 1
 
-SAMPLE_FIELDS = (
-    "idx", "sample_id", "label", "attacked", "clean_correct", "clean_flagged", "adv_correct",
-    "adv_flagged", "robust", "norm", "iterations", "forward_passes", "backward_passes",
-    "any_iterate_adversarial", "adv_pred",
-)
 
-_DDL = f"""
+_DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS cells (
     key TEXT PRIMARY KEY,
@@ -108,17 +106,41 @@ class ResultStore:
         else:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-                self.conn.execute("PRAGMA journal_mode=WAL")
-                self.conn.execute("PRAGMA synchronous=NORMAL")
-                self.conn.executescript(_DDL)
-                self._check_schema()
+                self.conn = self._open_writable()
             except (sqlite3.DatabaseError, OSError) as exc:  # incl. 'file is not a database'
                 raise StoreError(f"cannot open the result store {self.path} for writing ({exc}); "
                                  "check the directory is writable, the disk is not full and the "
                                  "file is a robustmatrix store, or choose another --run-dir"
                                  ) from exc
         self.conn.row_factory = sqlite3.Row
+
+    def _open_writable(self, wait: float = 30.0) -> sqlite3.Connection:
+        """Connect, switch to WAL and create the schema. Two runs opening one NEW store at the
+        same moment race on the journal-mode switch, for which SQLite returns 'database is
+        locked' at once (its busy handler is not consulted there), so the whole opening is
+        retried with a short back-off for up to ``wait`` seconds."""
+        deadline = time.monotonic() + wait
+        delay = 0.02
+        while True:
+            conn = sqlite3.connect(self.path, timeout=wait, isolation_level=None)
+            try:
+                conn.execute("PRAGMA journal_mode=WAL")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.executescript(_DDL)
+                self.conn = conn
+                self._check_schema()
+                return conn
+            except sqlite3.OperationalError as exc:
+                conn.close()
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.5)
+            except BaseException:
+                conn.close()
+                raise
 
     def _check_schema(self) -> None:
         row = self.conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
@@ -175,13 +197,16 @@ class ResultStore:
                  _dumps(provenance), time.time()))
 
     def done_batches(self, key: str) -> set[int]:
-        return {r[0] for r in self.conn.execute("SELECT batch FROM batches WHERE cell_key=?", (key,))}
+        return {r[0] for r in self.conn.execute("SELECT batch FROM batches WHERE cell_key=?",
+                                                (key,))}
 
-    def add_batch(self, key: str, batch: int, rows: Iterable[dict], *, adv_path: str | None,
+    def add_batch(self, key: str, batch: int, rows: Iterable[SampleRow | Mapping[str, Any]], *,
+                  adv_path: str | None,
                   adv_sha256: str | None, wall_time: float, extras: dict | None = None) -> bool:
         """Insert a batch and its sample rows atomically; False if it was already there."""
         with self.transaction() as c:
-            if c.execute("SELECT 1 FROM batches WHERE cell_key=? AND batch=?", (key, batch)).fetchone():
+            if c.execute("SELECT 1 FROM batches WHERE cell_key=? AND batch=?",
+                         (key, batch)).fetchone():
                 return False
             c.execute("INSERT INTO batches VALUES (?,?,?,?,?,?)",
                       (key, batch, adv_path, adv_sha256, wall_time, _dumps(extras or {})))
@@ -195,10 +220,9 @@ class ResultStore:
         with self.transaction() as c:
             shas = [r[0] or "" for r in c.execute(
                 "SELECT adv_sha256 FROM batches WHERE cell_key=? ORDER BY batch", (key,))]
-            import hashlib
-
-            agg = hashlib.sha256("".join(shas).encode()).hexdigest()
-            tot = c.execute("SELECT SUM(wall_time) FROM batches WHERE cell_key=?", (key,)).fetchone()[0]
+            agg = text_sha256("".join(shas))
+            tot = c.execute("SELECT SUM(wall_time) FROM batches WHERE cell_key=?",
+                            (key,)).fetchone()[0]
             fb = c.execute("SELECT SUM(forward_passes), SUM(backward_passes) FROM samples "
                            "WHERE cell_key=?", (key,)).fetchone()
             c.execute("UPDATE cells SET status='done', flags=?, metrics=?, provenance=?, "
@@ -259,7 +283,8 @@ class ResultStore:
 def _cell_row(r: sqlite3.Row) -> CellRow:
     return CellRow(key=r["key"], dataset=r["dataset"], defense=r["defense"], attack=r["attack"],
                    threat=r["threat"], eps=r["eps"], status=r["status"], n_batches=r["n_batches"],
-                   spec=json.loads(r["spec"] or "{}"), provenance=json.loads(r["provenance"] or "{}"),
+                   spec=json.loads(r["spec"] or "{}"),
+                   provenance=json.loads(r["provenance"] or "{}"),
                    flags=json.loads(r["flags"] or "[]"), metrics=json.loads(r["metrics"] or "{}"),
                    adv_sha256=r["adv_sha256"], wall_time=r["wall_time"],
                    forward_passes=r["forward_passes"], backward_passes=r["backward_passes"])

@@ -22,14 +22,15 @@ The verdict passes when every check passes. The command exits 0 (verified), 1 (f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random as pyrandom
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from attacks.base import RunContext
+from bench.core.hashing import file_sha256
 
 
 @dataclass
@@ -66,7 +67,8 @@ class VerifyReport:
         return "\n".join(lines)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"entry": self.entry, "verified": self.ok, "checks": [asdict(c) for c in self.checks]}
+        return {"entry": self.entry, "verified": self.ok,
+                "checks": [asdict(c) for c in self.checks]}
 
 
 def _within(value: float, acc: dict[str, Any], slack: float = 1e-9) -> bool:
@@ -74,18 +76,20 @@ def _within(value: float, acc: dict[str, Any], slack: float = 1e-9) -> bool:
 
 
 def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)
 
 
 def verify_entry(path: str | Path, *, rerun: int = 2, seed: int = 0, device: str = "cpu",
                  use_snapshot: bool = False, log: Callable[[str], None] = print) -> VerifyReport:
     import torch
 
-    from bench.config import ComponentSpec
+    from bench.core.config import ComponentSpec
+    from bench.core.store import ResultStore
     from bench.data import load_eval
-    from bench.runner import Scored, attack_batch, create_attack, load_adv, score
-    from bench.store import ResultStore
-    from bench.submit import build_entry_defense, resolve_run_dir
+    from bench.harness.planning import create_attack
+    from bench.harness.runner import load_adv
+    from bench.harness.scoring import Scored, attack_batch, score
+    from bench.harness.submission.load import build_entry_defense, resolve_run_dir
     from leaderboard.entries import consistent_accuracy, entry_digest, read_entry
     from leaderboard.table import Accuracy, build_records
 
@@ -131,7 +135,8 @@ def verify_entry(path: str | Path, *, rerun: int = 2, seed: int = 0, device: str
         stored_flags = {f["code"] for f in r["flags"]}
         entry_flags = {f["code"] for f in entry["flags"]}
         if stored_flags - entry_flags:
-            diffs.append(f"flags missing from the entry: {', '.join(sorted(stored_flags - entry_flags))}")
+            diffs.append("flags missing from the entry: "
+                         f"{', '.join(sorted(stored_flags - entry_flags))}")
         rep.add("store_agreement", not diffs, "the store gives exactly the entry's counts and flags"
                 if not diffs else "; ".join(diffs))
 
@@ -231,7 +236,8 @@ def verify_entry(path: str | Path, *, rerun: int = 2, seed: int = 0, device: str
     rep.add("rescore", not outside and total > 0,
             (f"re-scored worst case {100 * rescored['worst_case']['accuracy']:.1f}% (entry "
              f"{100 * entry['worst_case']['accuracy']:.1f}%, 95% CI "
-             f"[{100 * entry['worst_case']['ci_low']:.1f}, {100 * entry['worst_case']['ci_high']:.1f}]); "
+             f"[{100 * entry['worst_case']['ci_low']:.1f}, "
+             f"{100 * entry['worst_case']['ci_high']:.1f}]); "
              f"per-sample agreement {agree}/{total}") if not outside and total else
             ("; ".join(outside) if outside else "no stored adversarials could be re-scored"),
             rescored=rescored, agreement=agree, compared=total)
@@ -249,14 +255,14 @@ def verify_entry(path: str | Path, *, rerun: int = 2, seed: int = 0, device: str
         except Exception as exc:  # noqa: BLE001
             rerun_lines.append(f"{label} batch {b}: cannot rebuild the attack ({exc})")
             continue
-        attack.context = {"dataset": entry["dataset"], "dataset_options": ds_opts,
-                          "device": device, "fit_preset": prov.get("fit_preset"),
-                          "run_dir": str(run_dir), "defense": entry["defense"]["label"]}
+        context = RunContext(dataset=entry["dataset"], dataset_options=ds_opts, device=device,
+                             fit_preset=prov.get("fit_preset"), run_dir=str(run_dir),
+                             defense=entry["defense"]["label"])
         d_idx = idx.to(device)
         cl = Scored(clean_scored.pred[d_idx], clean_scored.correct[d_idx],
                     clean_scored.flagged[d_idx])
         rows, adv, _ = attack_batch(defense, attack, x_all[d_idx], y_all[d_idx], entry["eps"],
-                                    clean=cl, seed=cfg_seed + b, draws=draws)
+                                    clean=cl, seed=cfg_seed + b, draws=draws, context=context)
         stored = {r["idx"]: bool(r["robust"]) for r in store.samples(a["cell_key"])}
         k_new = sum(int(r["robust"]) for r in rows)
         k_old = sum(int(stored[i]) for i in idx.tolist())
@@ -277,25 +283,3 @@ def verify_entry(path: str | Path, *, rerun: int = 2, seed: int = 0, device: str
         rep.add("rerun", rerun_ok, "; ".join(rerun_lines))
     store.close()
     return rep
-
-
-def cmd_verify(args: Any) -> int:
-    from bench.submit import _log
-
-    reports = []
-    for path in args.entry:
-        rep = verify_entry(path, rerun=args.rerun, seed=args.seed, device=args.device,
-                           use_snapshot=args.snapshot, log=_log)
-        print(rep.format())
-        reports.append(rep)
-    if args.json:
-        Path(args.json).write_text(json.dumps([r.as_dict() for r in reports], indent=2,
-                                              default=str))
-    failed = [r for r in reports if not r.ok]
-    if failed:
-        print(f"robustmatrix: verification FAILED for {len(failed)} of {len(reports)} "
-              "entr" + ("y" if len(reports) == 1 else "ies"), file=sys.stderr)
-        return 1
-    print(f"robustmatrix: {len(reports)} entr{'y' if len(reports) == 1 else 'ies'} verified",
-          file=sys.stderr)
-    return 0

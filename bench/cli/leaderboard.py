@@ -1,0 +1,39 @@
+"""``robustmatrix leaderboard``: print and write the leaderboard of a run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from bench.cli.errors import info
+
+
+def add_parser(sub: Any) -> None:
+    lb = sub.add_parser("leaderboard", help="print and write the leaderboard of a run")
+    lb.add_argument("--run-dir", default="runs/quick", help="the run directory [runs/quick]")
+    lb.add_argument("--out", help="where to write the tables [<run-dir>/leaderboard]")
+    lb.add_argument("--worst-case-only", action="store_true", help="hide per-attack columns")
+    lb.add_argument("--show-cost", action="store_true", help="add pass counts and wall time")
+    lb.add_argument("--short-flags", action="store_true",
+                    help="print flag codes only (the files keep what was seen and what to try)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from bench.core.store import ResultStore
+    from leaderboard.formats import to_markdown, write_all
+    from leaderboard.table import build_records, build_tables
+
+    store = ResultStore(Path(args.run_dir) / "results.sqlite", readonly=True)
+    records = build_records(store)
+    tables = build_tables(store, per_attack=not args.worst_case_only, show_cost=args.show_cost,
+                          flag_detail=not args.short_flags, records=records)
+    if not tables:
+        info(f"no finished cells in {args.run_dir} yet")
+        return 0
+    print(to_markdown(tables))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "leaderboard"
+    write_all(store, out, per_attack=not args.worst_case_only, show_cost=args.show_cost,
+              records=records)
+    info(f"tables written to {out}")
+    return 0
