@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bench.core.hashing import json_sha256
 from bench.core.registry import DEFENSES
 from defenses.base import Defense
 
@@ -626,9 +627,6 @@ class AdversarialTrainingDefense(FitStateMixin, Defense):
             ) -> "AdversarialTrainingDefense":
         """Train on ``train``; with ``checkpoint``, save a resume point every epoch and resume
         from one left by a killed fit of the same configuration."""
-        import hashlib
-        import json
-
         settings = self.training_settings(preset)
         t0 = time.perf_counter()
         init_sha = (load_init_weights(self.classifier, self.init, self.dataset, device)
@@ -642,10 +640,9 @@ class AdversarialTrainingDefense(FitStateMixin, Defense):
             mask[held] = False
             val = (images[held], labels[held])
             images, labels = images[mask], labels[mask]
-        fingerprint = hashlib.sha256(json.dumps(
+        fingerprint = json_sha256(
             {"config": self.config(), "settings": settings, "preset": preset,
-             "train": getattr(train, "fingerprint", None), "n": len(labels)},
-            sort_keys=True, default=str).encode()).hexdigest()
+             "train": getattr(train, "fingerprint", None), "n": len(labels)})
         self.history = adversarial_train(self.classifier, (images, labels), method=self.method,
                                          eps=self.eps, device=device, progress=progress,
                                          val=val, checkpoint=checkpoint,

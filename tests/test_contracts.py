@@ -43,7 +43,8 @@ def test_defense_contract(built, tiny, name):
     before = defense.fingerprint()
     with torch.no_grad():
         out = defense(x)
-    assert out.shape == (len(x), int(y.max()) + 1) and out.is_floating_point() and torch.isfinite(out).all()
+    assert out.shape == (len(x), int(y.max()) + 1)
+    assert out.is_floating_point() and torch.isfinite(out).all()
     assert defense.fingerprint() == before, "forward changed the defense's state"
     assert not any(m.training for m in defense.modules()), "eval() must reach every module"
     s = defense.structure.as_dict()
