@@ -95,21 +95,38 @@ def render_card(*, name: str, dataset: str, resolution: Any, preset: str, sha256
                          f"{r.get('val_clean', float('nan')):.3f} | "
                          f"{r.get('val_pgd', float('nan')):.3f} | {r.get('seconds', 0):.0f} |")
         lines.append("")
-    lines += ["## Measured accuracy (test split, through `robustmatrix run`)", ""]
+    lines += measured_section(measured, source_runs)
+    return "\n".join(lines) + "\n"
+
+
+MEASURED_HEADING = "## Measured accuracy (test split, through `robustmatrix run`)"
+
+
+def measured_section(measured: list[dict[str, Any]], source_runs: list[str]) -> list[str]:
+    """The card's measured-accuracy section (lines), from leaderboard records."""
+    lines = [MEASURED_HEADING, ""]
     if measured:
         lines += ["Accuracy in %, 95% Wilson intervals; worst case = per-sample AND over the "
                   "attacks in the row.", "",
-                  "| threat | n | clean | " + "attack | " * 1 + "accuracy | worst case |",
-                  "|---|---|---|---|---|---|"]
+                  "| dataset | threat | n | clean | attack | accuracy | worst case |",
+                  "|---|---|---|---|---|---|---|"]
         for r in measured:
             for attack, acc in r["attacks"].items():
-                lines.append(f"| {_eps(r['threat'], r['eps'])} | {r['n']} | "
-                             f"{_pct(r['clean'])} | {attack} | {_pct(acc)} | "
+                lines.append(f"| {r.get('dataset', '?')} | {_eps(r['threat'], r['eps'])} | "
+                             f"{r['n']} | {_pct(r['clean'])} | {attack} | {_pct(acc)} | "
                              f"{_pct(r['worst_case'])} |")
         lines += ["", "Runs: " + ", ".join(f"`{s}`" for s in source_runs), ""]
     else:
         lines += ["Not measured yet.", ""]
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def update_measured(card: Path, measured: list[dict[str, Any]], source_runs: list[str]) -> None:
+    """Replace the measured-accuracy section of an existing model card (the rest, written by
+    the fit, stays as it is)."""
+    text = Path(card).read_text()
+    head = text.split(MEASURED_HEADING)[0].rstrip("\n") + "\n\n"
+    Path(card).write_text(head + "\n".join(measured_section(measured, source_runs)) + "\n")
 
 
 def ship(artifact: Path, *, name: str, dataset: str, resolution: Any, preset: str,

@@ -245,3 +245,31 @@ def test_fit_ship_writes_the_artifact_and_a_model_card(tmp_path):
     assert sha in card and sha in out.stderr  # the pin to paste into SHIPPED
     assert "| 1 (selected) |" in card  # the per-epoch history (test_pgd_at: one epoch)
     assert "held-out PGD" in card and "code version" in card
+
+
+@pytest.mark.parametrize("preset", ["quick", "defenses", "standard", "standard_imagenet10",
+                                    "standard_autoattack"])
+def test_presets_use_the_shipped_adversarially_trained_artifacts(preset):
+    """A fresh clone's `robustmatrix run quick|defenses|standard*` fits nothing for pgd_at and
+    spat: every such entry of the preset resolves to a pinned shipped artifact (shipped_artifact
+    checks the file's sha256) with exactly the options it was trained with."""
+    from bench.artifacts import construct_defense, shipped_artifact
+    from bench.core.config import load_config
+
+    cfg = load_config(preset)
+    checked = 0
+    for ds in cfg.datasets:
+        for spec in cfg.defenses:
+            if spec.name not in ("pgd_at", "spat"):
+                continue
+            options = dict(spec.options)
+            fit_preset = str(options.pop("preset", cfg.fit_preset))
+            assert fit_preset == "standard", (preset, spec)
+            defense = construct_defense(spec.name, options, dataset=ds.name,
+                                        dataset_options=ds.options, preset=fit_preset)
+            match = shipped_artifact(defense, spec.name, dataset=ds.name,
+                                     resolution=ds.options.get("resolution"), preset=fit_preset,
+                                     log=lambda m: None)
+            assert match is not None, (preset, ds.name, spec.name)
+            checked += 1
+    assert checked >= 1
