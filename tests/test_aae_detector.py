@@ -269,3 +269,37 @@ def test_detects_non_adaptive_pgd_on_cifar10_after_a_short_fit(shared_data):
     assert float(adv_s.mean()) > float(clean_s.mean())
     m = detection_metrics(d, test.images, adv)
     assert m["per_score"]["divergence"]["auroc"] > 0.8 and m["auroc"] > 0.8
+
+
+def test_leaderboard_shows_detection_rate_and_auroc_per_attack(tmp_path):
+    """Through the harness: a detector defense's cells store the AUROC (clean vs adversarial
+    detector scores of the attacked samples) and the table gains, beside the FPR, one
+    'detected % | AUROC' column per attack; other defenses show '-'."""
+    from bench.core.config import config_from_dict
+    from bench.core.store import ResultStore
+    from bench.harness.runner import MatrixRunner
+    from leaderboard.table import build_records, build_tables
+
+    cfg = config_from_dict({
+        "name": "det", "datasets": ["test_tiny"], "n": 40, "batch_size": 20,
+        "defenses": [{"name": "test_aae_detector", "epochs": 2}, "test_undefended"],
+        "attacks": [{"name": "test_pgd"}], "threat_models": {"linf": ["8/255"]},
+        "fit_preset": "tiny", "device": "cpu", "run_dir": str(tmp_path / "run"),
+        "adaptive": {"transfer": False, "pgd_steps": 2}})
+    summary = MatrixRunner(cfg, progress=False, log=lambda m: None).run()
+    assert not summary.errors
+    store = ResultStore(tmp_path / "run" / "results.sqlite")
+    recs = {r["defense"]: r for r in build_records(store)}
+    det = recs["test_aae_detector"]["attacks"]
+    assert any("detector" in a for a in det.values())
+    for a in det.values():
+        if "detector" in a:
+            assert 0.0 <= a["detector"]["detection_rate"] <= 1.0
+            assert a["detector"]["auroc"] is not None and 0.0 <= a["detector"]["auroc"] <= 1.0
+    assert not any("detector" in a for a in recs["test_undefended"]["attacks"].values())
+    (table,) = build_tables(store).values()
+    cols = [c for c in table.columns if c.endswith("detected % | AUROC")]
+    assert cols and "Detector FPR %" in table.columns
+    rows = table.set_index("Defense")
+    assert rows.loc["test_undefended", cols[0]] == "-"
+    assert " | " in rows.loc["test_aae_detector", cols[0]]
