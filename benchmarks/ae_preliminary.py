@@ -40,7 +40,8 @@ def sae(args) -> dict:
     res: dict = {"train_images": len(train.labels), "test_images": len(test.labels)}
     t0 = time.perf_counter()
     sem = DEFENSES.create("semantic_ae", epochs=args.epochs,
-                          classifier_finetune_epochs=args.finetune)
+                          classifier_finetune_epochs=args.finetune,
+                          class_weight=args.class_weight)
     raw_acc = evaluate_accuracy(sem.classifier, test)
     sem.fit(train, progress=False).eval()
     res["semantic_fit_seconds"] = time.perf_counter() - t0
@@ -94,6 +95,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--finetune", type=int, default=1)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--class-weight", type=float, default=1.0, help="semantic AE class term")
     ap.add_argument("--out", default="benchmarks/results/ae_preliminary")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
