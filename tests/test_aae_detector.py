@@ -303,3 +303,36 @@ def test_leaderboard_shows_detection_rate_and_auroc_per_attack(tmp_path):
     rows = table.set_index("Defense")
     assert rows.loc["test_undefended", cols[0]] == "-"
     assert " | " in rows.loc["test_aae_detector", cols[0]]
+
+
+def test_resumed_fit_ends_with_the_same_weights(data, classifier, tmp_path, monkeypatch):
+    """Killed right after the first epoch's checkpoint, the fit resumes and ends with the
+    weights (and threshold) of an uninterrupted fit."""
+    import bench.models.training as training
+
+    train = data[0].subset(range(0, 1000, 4))
+    opts = {"classifier": classifier, "epochs": 2, "calibration_fraction": 0.3}
+    full = DEFENSES.create("test_aae_detector", **opts).fit(train, progress=False)
+    ckpt = tmp_path / "aae.resume.pt"
+    real = training.save_training_state
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, state):
+        real(path, state)
+        raise Killed
+
+    monkeypatch.setattr(training, "save_training_state", save_then_die)
+    with pytest.raises(Killed):
+        DEFENSES.create("test_aae_detector", **opts).fit(train, progress=False, checkpoint=ckpt)
+    monkeypatch.setattr(training, "save_training_state", real)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 1
+    state["history"][0]["recon"] = 123.0  # a marker the resumed fit must carry on
+    real(ckpt, state)
+    resumed = DEFENSES.create("test_aae_detector", **opts).fit(train, progress=False,
+                                                               checkpoint=ckpt)
+    assert resumed.history[0]["recon"] == 123.0 and len(resumed.history) == 2
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, equal_nan=True), k

@@ -220,10 +220,13 @@ def test_resumed_fit_ends_with_the_same_weights(data, classifier, tmp_path, monk
     with pytest.raises(Killed):
         DEFENSES.create("test_semantic_ae", **opts).fit(train, progress=False, checkpoint=ckpt)
     monkeypatch.setattr(training, "save_training_state", real)
-    assert torch.load(ckpt, weights_only=True)["epoch"] == 1
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 1
+    state["history"][0] = 123.0  # a marker the resumed fit must carry on
+    real(ckpt, state)
     resumed = DEFENSES.create("test_semantic_ae", **opts).fit(train, progress=False,
                                                               checkpoint=ckpt)
-    assert resumed.history == pytest.approx(full.history)
+    assert resumed.history == pytest.approx([123.0] + full.history[1:])
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6), k
     real(ckpt, {"fingerprint": "another configuration", "epoch": 1})
