@@ -18,9 +18,10 @@ Python, a fitted autoencoder module (or a defense holding one).
 Report (:func:`wrong_label_report`, stored as the cell's ``metrics['report']`` by the runner):
 image distances of ``x'`` to ``x`` (Linf, L2, PSNR, SSIM), latent shift (distances of ``z'`` to
 the class centroids of the clean latents, how often ``z'`` is nearest the wrong class's
-centroid, a linear probe's accuracy on ``z'``), and a t-SNE figure of clean vs wrong-label
-latents (PNG and SVG) in ``<run dir>/figures/``. The accuracy of every defense on ``x'`` is the
-matrix cell itself.
+centroid, a linear probe's accuracy on ``z'``, how a k-means clustering fitted on the clean
+latents changes its assignments), a t-SNE figure of clean vs wrong-label latents and a picture
+grid of ``x``, ``x'``, ``|x' - x|`` (PNG and SVG) in ``<run dir>/figures/``. The accuracy of
+every defense on ``x'`` is the matrix cell itself.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ class WrongLabelLatent(Attack):
         n = len(labels)
         extras: dict[str, Any] = {"autoencoder": source,
                                   "image_distances": image_distances(adv, images)}
+        extras["examples"] = {"x": _rounded(images[:4], 4), "adv": _rounded(adv[:4], 4)}
         if o["store_latents"]:
             extras["latent"] = {"z_clean": _rounded(z), "z_wrong": _rounded(zw),
                                 "labels": labels.tolist(), "wrong_labels": wrong.tolist()}
@@ -187,10 +189,16 @@ class WrongLabelLatent(Attack):
         label = (context.defense if context is not None else None) or "defense"
         slug = "".join(ch if ch.isalnum() else "_" for ch in str(label))
         fig = Path(run_dir) / "figures" / f"wrong_label_latent_{slug}_{key[:12]}"
+        examples = [e["examples"] for e in extras if "examples" in e]
         try:
             report = wrong_label_report(np.array(cat("z_clean")), np.array(cat("z_wrong")),
                                         np.array(cat("labels")), np.array(cat("wrong_labels")),
                                         distances=dist, figure_path=fig, seed=self.seed)
+            if examples:
+                xs = torch.tensor([v for b in examples for v in b["x"]])[:8]
+                advs = torch.tensor([v for b in examples for v in b["adv"]])[:8]
+                grid = picture_grid(xs, advs, fig.with_name(fig.name + "_grid"))
+                report.setdefault("figures", []).extend(str(p) for p in grid)
         except Exception as exc:  # noqa: BLE001 - a report must never lose the cell's results
             report = {"image": _means(dist), "error": f"{type(exc).__name__}: {exc}"}
         return report
@@ -269,10 +277,65 @@ def wrong_label_report(z_clean: Any, z_wrong: Any, labels: Any, wrong_labels: An
             sep = separation_scores(z, y, seed=seed, test_fraction=frac)
             report["probe"].update(clean_accuracy=sep["linear_probe_accuracy"],
                                    clean_silhouette=sep["silhouette"])
+    if len(classes) >= 2 and len(y) >= 2 * len(classes):
+        report["clustering"] = clustering_change(z, zw, y, yw, seed=seed)
     if figure_path is not None and len(y) >= 5:
         report["figures"] = [str(p) for p in tsne_clean_vs_wrong(z, zw, y, yw, figure_path,
                                                                 class_names=class_names, seed=seed)]
     return report
+
+
+def clustering_change(z: np.ndarray, zw: np.ndarray, y: np.ndarray, yw: np.ndarray, *,
+                      seed: int = 0) -> dict[str, float]:
+    """A clustering that consumes the latent: k-means (k = number of classes, seeded) fitted on
+    the CLEAN latents; ``assignment_changed`` is the fraction of inputs whose wrong-label latent
+    falls in another cluster than its clean latent; ``clean_ari`` the adjusted Rand index of
+    the clean clusters with the true labels; ``wrong_cluster_majority_is_wrong_label`` the
+    fraction of wrong-label latents whose cluster's majority class (on clean latents) is y'."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score
+
+    k = int(len(np.unique(y)))
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(z)
+    a, aw = km.labels_, km.predict(zw)
+    majority = np.array([np.bincount(y[a == c], minlength=int(y.max()) + 1).argmax()
+                         if (a == c).any() else -1 for c in range(k)])
+    return {"assignment_changed": float((a != aw).mean()),
+            "clean_ari": float(adjusted_rand_score(y, a)),
+            "wrong_cluster_majority_is_wrong_label": float((majority[aw] == yw).mean())}
+
+
+def picture_grid(x: torch.Tensor, adv: torch.Tensor, path: str | Path, *, n: int = 8,
+                 amplify: float | None = None) -> list[Path]:
+    """Rows: ``x``, ``x'``, ``|x' - x|`` (scaled so its largest value is white, or by
+    ``amplify``) for the first ``n`` images; PNG and SVG. The picture users expect beside
+    PSNR/SSIM ("visually the same")."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    x, adv = x[:n].detach().float().cpu(), adv[:n].detach().float().cpu()
+    diff = (adv - x).abs()
+    scale = amplify if amplify is not None else 1.0 / max(float(diff.max()), 1e-12)
+    rows = [("x", x), ("x'", adv), (f"|x'-x| x{scale:.0f}", (diff * scale).clamp(0, 1))]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(3, len(x), figsize=(1.3 * len(x), 4.2), squeeze=False)
+    for r, (name, imgs) in enumerate(rows):
+        for c in range(len(x)):
+            ax = axes[r][c]
+            ax.imshow(imgs[c].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(name, fontsize=8)
+    fig.tight_layout()
+    out = [path.with_suffix(".png"), path.with_suffix(".svg")]
+    fig.savefig(out[0], dpi=120)
+    fig.savefig(out[1])
+    plt.close(fig)
+    return out
 
 
 def tsne_clean_vs_wrong(z: np.ndarray, zw: np.ndarray, y: np.ndarray, yw: np.ndarray,

@@ -87,6 +87,14 @@ def build_records(store: ResultStore, keys: Iterable[str] | None = None
                 complete = len(ga) == n
                 per_attack[attack] = {**Accuracy(int(r.fillna(False).sum()), n).as_dict(),
                                       "complete": complete, "n_attacked": len(ga)}
+                aurocs = [(cells[k].metrics or {}).get("detector", {}).get("auroc")
+                          for k in ga["cell_key"].unique()]
+                aurocs = [a for a in aurocs if a is not None]
+                flagged = ga["adv_flagged"].fillna(0).astype(bool)
+                if aurocs or flagged.any():  # a detector defense
+                    per_attack[attack]["detector"] = {  # among the samples this attack ran on
+                        "detection_rate": float(flagged.mean()),
+                        "auroc": aurocs[-1] if aurocs else None}
                 for key in ga["cell_key"].unique():
                     c = cells[key]
                     cost["forward_passes"] += c.forward_passes or 0
@@ -162,6 +170,12 @@ def build_tables(store: ResultStore, *, per_attack: bool = True, show_cost: bool
             if has_fpr:  # detectors' clean false-positive rate; "-" for the other defenses
                 row["Detector FPR %"] = ("-" if r["detector_fpr"] is None
                                          else f"{100 * r['detector_fpr']:.1f}")
+                for a in attacks:  # detection rate (flagged adversarials) and AUROC per attack
+                    det = (r["attacks"].get(a) or {}).get("detector")
+                    row[f"{a} detected % | AUROC"] = (
+                        "-" if r["detector_fpr"] is None or det is None else
+                        f"{100 * det['detection_rate']:.1f} | "
+                        + ("-" if det["auroc"] is None else f"{det['auroc']:.2f}"))
             if show_cost:
                 row["Fwd passes"] = r["cost"]["forward_passes"]
                 row["Bwd passes"] = r["cost"]["backward_passes"]

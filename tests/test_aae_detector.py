@@ -95,9 +95,12 @@ def test_two_phase_training_moves_codes_toward_the_prior(fitted, data):
     history = d.history
     assert len(history) == TINY["epochs"]
     assert history[-1]["recon"] < history[0]["recon"]
-    # the discriminator does not win outright: it cannot tell prior samples from codes
-    # perfectly at the end (0.6 to 0.8 on three seeds)
-    assert history[-1]["disc_accuracy"] < 0.9
+    # the discriminator learns (it is above chance). With the dense 8-d code it ended at 0.6 to
+    # 0.8; with the conv code (64-d on test_tiny) it ends near 0.99 while the codes' sliced
+    # distance to the prior still drops to about 0.2 (asserted above); lr_generator=2e-3 keeps
+    # it at chance but leaves the sliced distance at about 0.5 (measured, issue 13)
+    assert 0.5 < history[-1]["disc_accuracy"] <= 1.0
+    assert after < 0.4
 
 
 def test_state_dict_roundtrip_gives_identical_outputs(fitted, classifier, data):
@@ -157,8 +160,9 @@ def test_score_is_differentiable_and_exposes_components(fitted, data):
     (grad,) = torch.autograd.grad(score.sum(), x)
     assert torch.isfinite(grad).all() and grad.abs().sum() > 0
     comps = d.score_components(x)
-    assert set(comps) >= {"recon", "prior", "code"}
-    assert (comps["recon"] >= 0).all() and comps["code"].shape == (8, 8)
+    assert set(comps) >= {"recon", "prior", "divergence", "code"}
+    assert (comps["recon"] >= 0).all() and comps["code"].shape == (8, d.aae.latent_dim)
+    assert (comps["divergence"] >= 0).all()
     assert float(d.detector.threshold) == 0.0  # flag = score > 0
 
 
@@ -168,7 +172,8 @@ def test_detection_metrics_on_noisy_inputs(fitted, data):
     g = torch.Generator().manual_seed(0)
     noisy = (clean + 0.25 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
     m = detection_metrics(d, clean, noisy)
-    assert set(m) >= {"fpr", "auroc", "detection_rate"}
+    assert set(m) >= {"fpr", "auroc", "detection_rate", "per_score"}
+    assert set(m["per_score"]) == {"recon", "prior", "divergence"}
     assert m["auroc"] > 0.9 and m["detection_rate"] > 0.5 and m["fpr"] < 0.15
     json.dumps(m)
 
@@ -177,6 +182,7 @@ def test_config_is_json_and_names_every_knob(fitted):
     cfg = fitted[0].config()
     json.dumps(cfg)
     for knob in ("fpr", "p", "components", "threshold_split", "prior", "latent_dim", "widths",
+                 "architecture", "code_channels", "train_noise", "temperature",
                  "epochs", "lr", "lr_discriminator", "lr_generator", "r1_penalty",
                  "calibration_fraction", "classifier_sha256", "seed"):
         assert knob in cfg
@@ -229,3 +235,104 @@ def test_fits_and_evaluates_on_imagenet10_at_32px(shared_data):
     noisy = (test.images + 0.2 * torch.randn_like(test.images)).clamp(0, 1)
     m = detection_metrics(d, test, noisy)
     assert 0.0 <= m["fpr"] <= 1.0 and 0.0 <= m["auroc"] <= 1.0
+
+
+def test_jensen_shannon():
+    from defenses.aae_detector import jensen_shannon
+
+    a = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(jensen_shannon(a, a), torch.zeros(2), atol=1e-6)
+    far = jensen_shannon(torch.tensor([[50.0, 0.0]]), torch.tensor([[0.0, 50.0]]))
+    assert abs(float(far) - math.log(2)) < 1e-4  # the maximum, ln 2
+    with pytest.raises(ValueError, match="classifier"):
+        AAEDetector(DEFENSES.create("test_aae_detector", classifier=linear_classifier()).aae,
+                    components=("divergence",))
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_detects_non_adaptive_pgd_on_cifar10_after_a_short_fit(shared_data):
+    """The property the detector exists for (MagNet's setting), on real data because the
+    synthetic test_tiny images are not reconstructible enough for it: after a short fit
+    (1,000 CIFAR-10 images, 2 epochs) the detector scores a PGD-10 Linf 8/255 batch (against
+    the bare classifier) higher than its clean batch, mostly through MagNet's divergence."""
+    from bench.core.registry import create_attack
+    from bench.data import load_eval, load_train
+
+    train, test = load_train("cifar10", limit=1000), load_eval("cifar10", 100)
+    d = DEFENSES.create("aae_detector", epochs=2, calibration_fraction=0.1)
+    d.fit(train, progress=False).eval()
+    adv = create_attack("pgd", threat="linf", steps=10, seed=0)(
+        d.classifier, test.images, test.labels, 8 / 255, seed=0).adv
+    with torch.no_grad():
+        clean_s, adv_s = d.detector.score(test.images), d.detector.score(adv)
+    assert float(adv_s.mean()) > float(clean_s.mean())
+    m = detection_metrics(d, test.images, adv)
+    assert m["per_score"]["divergence"]["auroc"] > 0.8 and m["auroc"] > 0.8
+
+
+def test_leaderboard_shows_detection_rate_and_auroc_per_attack(tmp_path):
+    """Through the harness: a detector defense's cells store the AUROC (clean vs adversarial
+    detector scores of the attacked samples) and the table gains, beside the FPR, one
+    'detected % | AUROC' column per attack; other defenses show '-'."""
+    from bench.core.config import config_from_dict
+    from bench.core.store import ResultStore
+    from bench.harness.runner import MatrixRunner
+    from leaderboard.table import build_records, build_tables
+
+    cfg = config_from_dict({
+        "name": "det", "datasets": ["test_tiny"], "n": 40, "batch_size": 20,
+        "defenses": [{"name": "test_aae_detector", "epochs": 2}, "test_undefended"],
+        "attacks": [{"name": "test_pgd"}], "threat_models": {"linf": ["8/255"]},
+        "fit_preset": "tiny", "device": "cpu", "run_dir": str(tmp_path / "run"),
+        "adaptive": {"transfer": False, "pgd_steps": 2}})
+    summary = MatrixRunner(cfg, progress=False, log=lambda m: None).run()
+    assert not summary.errors
+    store = ResultStore(tmp_path / "run" / "results.sqlite")
+    recs = {r["defense"]: r for r in build_records(store)}
+    det = recs["test_aae_detector"]["attacks"]
+    assert any("detector" in a for a in det.values())
+    for a in det.values():
+        if "detector" in a:
+            assert 0.0 <= a["detector"]["detection_rate"] <= 1.0
+            assert a["detector"]["auroc"] is not None and 0.0 <= a["detector"]["auroc"] <= 1.0
+    assert not any("detector" in a for a in recs["test_undefended"]["attacks"].values())
+    (table,) = build_tables(store).values()
+    cols = [c for c in table.columns if c.endswith("detected % | AUROC")]
+    assert cols and "Detector FPR %" in table.columns
+    rows = table.set_index("Defense")
+    assert rows.loc["test_undefended", cols[0]] == "-"
+    assert " | " in rows.loc["test_aae_detector", cols[0]]
+
+
+def test_resumed_fit_ends_with_the_same_weights(data, classifier, tmp_path, monkeypatch):
+    """Killed right after the first epoch's checkpoint, the fit resumes and ends with the
+    weights (and threshold) of an uninterrupted fit."""
+    import bench.models.training as training
+
+    train = data[0].subset(range(0, 1000, 4))
+    opts = {"classifier": classifier, "epochs": 2, "calibration_fraction": 0.3}
+    full = DEFENSES.create("test_aae_detector", **opts).fit(train, progress=False)
+    ckpt = tmp_path / "aae.resume.pt"
+    real = training.save_training_state
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(path, state):
+        real(path, state)
+        raise Killed
+
+    monkeypatch.setattr(training, "save_training_state", save_then_die)
+    with pytest.raises(Killed):
+        DEFENSES.create("test_aae_detector", **opts).fit(train, progress=False, checkpoint=ckpt)
+    monkeypatch.setattr(training, "save_training_state", real)
+    state = torch.load(ckpt, weights_only=True)
+    assert state["epoch"] == 1
+    state["history"][0]["recon"] = 123.0  # a marker the resumed fit must carry on
+    real(ckpt, state)
+    resumed = DEFENSES.create("test_aae_detector", **opts).fit(train, progress=False,
+                                                               checkpoint=ckpt)
+    assert resumed.history[0]["recon"] == 123.0 and len(resumed.history) == 2
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6, equal_nan=True), k

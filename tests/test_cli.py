@@ -121,7 +121,12 @@ def test_fit_report_writes_metrics_and_figures(name, keys, tmp_path, capsys):
     if name == "test_semantic_ae":
         assert 0 <= rep["plain"]["linear_probe_accuracy"] <= 1
         assert (out / "tsne_latents.png").exists()
+        wl = rep["wrong_label_attack"]
+        assert wl["image"]["linf"] <= 8 / 255 + 1e-6 and 0 <= wl["latent"]["wrong_nearest_wrong"]
+        assert set(wl["accuracy_on_x_adv"]) == {"semantic_ae", "bare_classifier", "plain_ae"}
+        assert (out / "wrong_label_grid.png").exists() and (out / "tsne_wrong_label.png").exists()
     if name == "test_aae_detector":
+        assert set(rep["pgd_on_classifier"]["per_score"]) == {"recon", "prior", "divergence"}
         for k in ("gaussian_noise", "pgd_on_classifier"):
             assert 0 <= rep[k]["auroc"] <= 1 and rep[k]["n_clean"] == 60
     if name == "test_srd":

@@ -115,3 +115,37 @@ def test_added_automatically_for_latent_defenses(setup):
                              ComponentSpec("wrong_label_latent", {}, "mine"), "linf", 8 / 255)]
     assert not any(p.attack.label == "wrong-label latent" for p in adaptive_plans(latent_defense,
                                                                                    mine))
+
+
+def test_moves_the_latent_of_a_small_trained_semantic_ae(tmp_path):
+    """Not the toy: a small semantic AE TRAINED on test_tiny (a few seconds). Within Linf 8/255
+    the attack's x' stays close to x while its latents E(x, y') sit at the wrong class's
+    centroid, the latent probe (fitted on clean latents) follows y', the k-means clusters
+    change, and the picture grid is written. Fails if the encoder ignores the label."""
+    from attacks.wrong_label_latent import picture_grid
+    from bench.core.registry import DEFENSES
+    from bench.data import load_eval, load_train
+
+    torch.set_num_threads(1)
+    train, test = load_train("test_tiny", limit=500), load_eval("test_tiny", 100)
+    sem = DEFENSES.create("test_semantic_ae", classifier="test_tiny_cnn@tiny", epochs=3)
+    sem.fit(train, progress=False).eval()
+    attack = create_attack("wrong_label_latent", threat="linf", autoencoder=sem)
+    with torch.no_grad():
+        res = attack(sem, test.images, test.labels, 8 / 255)
+    lat = res.extras["latent"]
+    rep = wrong_label_report(lat["z_clean"], lat["z_wrong"], lat["labels"], lat["wrong_labels"],
+                             distances=res.extras["image_distances"], seed=0)
+    assert rep["image"]["linf"] <= 8 / 255 + 1e-6 and rep["image"]["psnr"] > 28
+    assert rep["latent"]["clean_nearest_true"] >= 0.9
+    assert rep["latent"]["wrong_nearest_wrong"] >= 0.8
+    assert rep["probe"]["predicts_wrong_label"] >= 0.8
+    assert rep["clustering"]["assignment_changed"] >= 0.8
+    # the plain twin has nothing to exploit: the attack refuses it
+    plain = DEFENSES.create("test_plain_ae", classifier="test_tiny_cnn@tiny", epochs=1)
+    with pytest.raises(ValueError, match="label-conditioned"):
+        create_attack("wrong_label_latent", threat="linf", autoencoder=plain.fit(
+            train.subset(range(100)), progress=False))(plain, test.images[:4],
+                                                        test.labels[:4], 8 / 255)
+    paths = picture_grid(test.images, res.adv, tmp_path / "grid")
+    assert all(p.stat().st_size > 1000 for p in paths)

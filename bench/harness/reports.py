@@ -168,6 +168,46 @@ def semantic_ae_report(defense: Any, data: Any, *, plain: Any = None, batch_size
     return report
 
 
+def wrong_label_attack_report(defense: Any, data: Any, out: Any, *, twin: Any = None,
+                              eps: float = 8 / 255, batch_size: int = 256) -> dict[str, Any]:
+    """The wrong-label latent attack (Linf ``eps``, runner-up wrong label) on the fitted
+    semantic AE ``defense``, measured on ``data``: :func:`attacks.wrong_label_latent.
+    wrong_label_report` (PSNR/SSIM of x', fraction of z' nearest the wrong centroid, the
+    latent probe on z', the k-means assignment change, t-SNE ``out/tsne_wrong_label``), the
+    picture grid ``out/wrong_label_grid`` and the accuracy on x' of the defense, of its bare
+    classifier and of the plain ``twin``."""
+    from attacks.wrong_label_latent import WrongLabelLatent, picture_grid, wrong_label_report
+
+    attack = WrongLabelLatent(threat="linf", autoencoder=defense)
+    device = next(defense.parameters()).device
+    images, labels = data.images.float(), data.labels.long()
+    advs, z, zw, yw, dist = [], [], [], [], {}
+    with torch.no_grad():
+        for i in range(0, len(labels), batch_size):
+            r = attack(defense, images[i:i + batch_size].to(device),
+                       labels[i:i + batch_size].to(device), eps, seed=0)
+            advs.append(r.adv.cpu())
+            z += r.extras["latent"]["z_clean"]
+            zw += r.extras["latent"]["z_wrong"]
+            yw += r.extras["latent"]["wrong_labels"]
+            for k, v in r.extras["image_distances"].items():
+                dist.setdefault(k, []).extend(v)
+    adv = torch.cat(advs)
+    rep = wrong_label_report(z, zw, labels.tolist(), yw, distances=dist,
+                             figure_path=Path(out) / "tsne_wrong_label",
+                             class_names=getattr(data, "classes", None))
+    rep.setdefault("figures", []).extend(
+        str(p) for p in picture_grid(images, adv, Path(out) / "wrong_label_grid"))
+    acc = {"semantic_ae": defense, "bare_classifier": defense.classifier}
+    if twin is not None:
+        acc["plain_ae"] = twin
+    rep["accuracy_on_x_adv"] = {
+        name: float((batched_apply(m, adv, device, batch_size).argmax(1) == labels)
+                    .float().mean()) for name, m in acc.items()}
+    rep["eps"] = eps
+    return rep
+
+
 # ----------------------------------------------------------------------------------------------
 # reports of the other defenses (``robustmatrix fit DEFENSE --report``)
 # ----------------------------------------------------------------------------------------------
@@ -284,8 +324,11 @@ def fit_report(defense: Any, data: Any, out: Any, *, twin: Any = None) -> dict[s
     """
     kind = _report_kind(defense)
     if kind == "autoencoder":
-        return semantic_ae_report(defense, data, plain=twin,
-                                  figure_path=Path(out) / "tsne_latents")
+        rep = semantic_ae_report(defense, data, plain=twin,
+                                 figure_path=Path(out) / "tsne_latents")
+        if defense.label_conditioned:
+            rep["wrong_label_attack"] = wrong_label_attack_report(defense, data, out, twin=twin)
+        return rep
     if kind == "detector":
         return detector_report(defense, data, figure_path=Path(out) / "tsne_codes")
     if kind == "purifier":

@@ -282,6 +282,11 @@ class MatrixRunner:
             flags += flagmod.convergence_check(defense, plan.attack, plan.threat, plan.eps, x_all,
                                                y_all, self.store.samples(key), seed=cfg.seed,
                                                draws=cfg.random_draws, checks=cfg.checks)
+            from bench.harness.scoring import detector_summary
+
+            det = detector_summary(extras)
+            if det is not None:  # detector defenses: AUROC clean vs adversarial (leaderboard)
+                metrics["detector"] = det
             if hasattr(attack, "cell_report"):  # e.g. the wrong-label latent attack's report
                 metrics["report"] = attack.cell_report(extras, self.run_dir, key, context=context)
         self.store.finish_cell(key, flags=flags, metrics=metrics,

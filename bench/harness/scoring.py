@@ -136,7 +136,29 @@ def attack_batch(defense, attack: Attack, x, y, eps, *, clean: Scored, seed: int
                               if trace is not None else None),
                "forward_passes": result.forward_passes, "backward_passes": result.backward_passes,
                "log": result.extras.get("log", [])[-50:], **result_records(result)}
+    detector = getattr(defense, "detector", None)
+    if detector is not None and hasattr(detector, "score"):  # for the cell's AUROC
+        with torch.no_grad():
+            records["detector_scores"] = {
+                "clean": detector.score(x).float().cpu().tolist(),
+                "adv": detector.score(adv).float().cpu().tolist()}
     return rows, adv, records
+
+
+def detector_summary(extras: Iterable[dict]) -> dict[str, Any] | None:
+    """AUROC of the detector's scores on the attacked samples' clean inputs vs their
+    adversarials, pooled over a cell's batches; None when the defense has no detector (or one
+    class of scores is missing)."""
+    clean = [v for e in extras for v in (e.get("detector_scores") or {}).get("clean", [])]
+    adv = [v for e in extras for v in (e.get("detector_scores") or {}).get("adv", [])]
+    if not clean or not adv:
+        return None
+    from sklearn.metrics import roc_auc_score
+
+    labels = [0] * len(clean) + [1] * len(adv)
+    scores = [float(v) if math.isfinite(v) else (1e30 if v > 0 else -1e30) for v in clean + adv]
+    return {"auroc": float(roc_auc_score(labels, scores)), "n_clean": len(clean),
+            "n_adversarial": len(adv)}
 
 
 # an attack's records (stored per batch; the flags read them) ------------------------------
