@@ -507,3 +507,13 @@ def test_bad_images_through_the_command_line(tmp_path, capsys, monkeypatch):
     data = loaded["data"]
     assert len(data) == 10 and data.skipped == 2
     assert not any(s in data.sample_ids for s in ("cifar10/test/8/0002", "cifar10/test/5/0000"))
+
+
+def test_a_comma_in_an_unquoted_flow_mapping_value_is_named(tmp_path):
+    """`{name: x, label: a (b, c)}` parses as label 'a (b' plus an option 'c)': refused with the
+    fix, not passed on (Registry.create drops None-valued options, so it would vanish)."""
+    path = tmp_path / "m.yaml"
+    path.write_text("name: t\ndatasets: [{name: test_tiny, n: 10}]\n"
+                    "defenses:\n  - {name: test_pgd_at, label: a (b, c)}\nattacks: [test_pgd]\n")
+    with pytest.raises(ConfigError, match="quote values that contain commas"):
+        load_config(str(path))

@@ -182,6 +182,11 @@ def _component(item: Any, where: str) -> ComponentSpec:
         if not isinstance(options, dict):
             raise ConfigError(f"{where}.options: expected a mapping, got {options!r}")
         options.update(item)
+        for key in options:
+            if not isinstance(key, str) or not key.isidentifier():
+                raise ConfigError(f"{where}: option name {key!r} is not a valid option name; in a "
+                                  "flow mapping ({...}) a comma ends the value, so quote values "
+                                  "that contain commas (label: 'a, b')")
         return ComponentSpec(name, options, label)
     raise ConfigError(f"{where}: expected a name or a mapping with 'name', got {item!r}")
 
