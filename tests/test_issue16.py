@@ -3,6 +3,7 @@ numbered case of the issue, through the CLI path a user takes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -86,3 +87,81 @@ def test_a_failed_submission_leaves_earlier_entries_and_the_store_intact(tmp_pat
     after = {c.key: c.status for c in ResultStore(run_dir / "results.sqlite",
                                                    readonly=True).cells()}
     assert {k: v for k, v in after.items() if k in store_before} == store_before
+
+
+# cases 2, 3, 4, 8: publish trusts nothing in an entry -----------------------------------------
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                    "1f15c4890000000d49444154789c63f8cfc0f00f0004850180848c2e2100000000"
+                    "49454e44ae426082")
+
+
+def _entries_dir(tmp_path, **edit) -> Path:
+    from leaderboard.entries import entry_digest, sample_entries, write_entry
+
+    folder = tmp_path / "run" / "entries"
+    for e in sample_entries()[:1]:
+        e["defense"].update(edit.pop("defense", {}))
+        e.update(edit)
+        e["provenance"]["entry_sha256"] = entry_digest(e)
+        write_entry(e, folder)
+    return folder
+
+
+def test_publish_copies_no_file_from_outside_the_entry_folder(tmp_path, capsys):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(PNG)
+    folder = _entries_dir(tmp_path, figures=[
+        {"title": "passwd", "path": "/etc/passwd"},
+        {"title": "secret", "path": "../../secret.png"},
+        {"title": "fake", "path": "fake.png"},
+        {"title": "ok", "path": "figures/ok.png"}])
+    (folder / "fake.png").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (folder / "figures").mkdir()
+    (folder / "figures" / "ok.png").write_bytes(PNG)
+    out = tmp_path / "site"
+    with pytest.warns(UserWarning, match="not an image inside the entry's folder"):
+        assert main(["publish", "--entries", str(folder), "--out", str(out),
+                     "--format", "md,html"]) == 0
+    copied = [p for p in (out / "plots" / "entries").iterdir() if "__attacks" not in p.name]
+    assert [p.name.rsplit("__", 1)[-1] for p in copied] == ["ok.png"]
+    assert all(b"root:" not in p.read_bytes() for p in (out / "plots").rglob("*") if p.is_file())
+
+
+def test_publish_renders_no_script_and_no_javascript_link(tmp_path, capsys):
+    folder = _entries_dir(tmp_path, defense={
+        "label": "<script>alert(1)</script>", "authors": "<img src=x onerror=alert(2)>",
+        "paper": "javascript:alert(1)//x"})
+    out = tmp_path / "site"
+    assert main(["publish", "--entries", str(folder), "--out", str(out), "--no-plots",
+                 "--format", "md,html"]) == 0
+    md = (out / "leaderboard.md").read_text()
+    pages = "".join(p.read_text() for p in (out / "html").glob("*.html"))
+    for text in (md, pages):
+        assert "<script>alert" not in text and "<img src=x" not in text
+        assert "javascript:" not in text.lower()
+    assert "&lt;script&gt;" in md
+
+
+def test_publish_out_is_path_checked(tmp_path, capsys):
+    folder = _entries_dir(tmp_path)
+    assert main(["publish", "--entries", str(folder), "--out", "/usr/lib", "--no-plots"]) == 2
+    assert "system directory" in _last_line(capsys)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(["publish", "--entries", str(folder), "--out", str(a_file), "--no-plots"]) == 2
+    assert "not a directory" in _last_line(capsys)
+
+
+def test_publish_refuses_a_tampered_entry_unless_unverified(tmp_path, capsys):
+    folder = _entries_dir(tmp_path)
+    path = next(folder.glob("*.json"))
+    e = json.loads(path.read_text())
+    e["worst_case"]["accuracy"] = 0.95  # hand-edited
+    path.write_text(json.dumps(e))
+    out = tmp_path / "site"
+    assert main(["publish", "--entries", str(folder), "--out", str(out), "--no-plots"]) == 2
+    assert "fails its integrity check" in _last_line(capsys)
+    assert not (out / "leaderboard.md").exists()
+    assert main(["publish", "--entries", str(folder), "--out", str(out), "--no-plots",
+                 "--unverified", "--format", "md"]) == 0
+    assert "(UNVERIFIED)" in (out / "leaderboard.md").read_text()
