@@ -165,3 +165,10 @@ def test_publish_refuses_a_tampered_entry_unless_unverified(tmp_path, capsys):
     assert main(["publish", "--entries", str(folder), "--out", str(out), "--no-plots",
                  "--unverified", "--format", "md"]) == 0
     assert "(UNVERIFIED)" in (out / "leaderboard.md").read_text()
+
+
+# case 12 (part): nonsense is refused ---------------------------------------------------------
+def test_verify_refuses_a_negative_rerun(tmp_path, capsys):
+    folder = _entries_dir(tmp_path)
+    assert main(["verify", str(next(folder.glob("*.json"))), "--rerun", "-5"]) == 2
+    assert "--rerun -5" in _last_line(capsys)
