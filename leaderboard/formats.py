@@ -9,13 +9,16 @@ papers) and the static HTML leaderboard (:mod:`leaderboard.html`), with the figu
 
 from __future__ import annotations
 
+import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
 from tabulate import tabulate
 
 from bench.core.store import ResultStore
+from leaderboard.escape import md_escape, safe_url
 from leaderboard.table import build_records, build_tables
 
 FORMATS = ("md", "csv", "json", "latex", "html")
@@ -75,13 +78,16 @@ def entries_markdown(entries: list[dict[str, Any]], *, per_attack: bool = True,
     parts = []
     for key, es in group_boards(entries).items():
         title = board_title(*key)
-        parts.append(f"### {title}\n\n" + tabulate(tables[title], headers="keys",
+        head = html.escape(title, quote=False)
+        parts.append(f"### {head}\n\n" + tabulate(tables[title].map(md_escape), headers="keys",
                                                      tablefmt="github", showindex=False,
                                                      disable_numparse=True))
         notes = flag_notes(es)
         if notes:
-            parts.append("Flags:\n\n" + "\n".join(f"- **{d}**: `{c}`: {seen}. Try: {t}."
-                                                  for d, c, seen, t in notes))
+            parts.append("Flags:\n\n" + "\n".join(
+                f"- **{md_escape(d)}**: `{str(c).replace('`', '')}`: {md_escape(seen)}. "
+                f"Try: {md_escape(t)}."
+                for d, c, seen, t in notes))
         parts.append("Entries:\n\n" + "\n".join(_md_source(e) for e in es))
     parts.append(NOTE)
     return "\n\n".join(parts) + "\n"
@@ -89,11 +95,11 @@ def entries_markdown(entries: list[dict[str, Any]], *, per_attack: bool = True,
 
 def _md_source(e: dict[str, Any]) -> str:
     d, p = e["defense"], e["provenance"]
-    bits = [f"**{d['label']}**"]
+    bits = [f"**{md_escape(d['label'])}**"]
     if d.get("authors"):
-        bits.append(d["authors"])
-    if d.get("paper"):
-        bits.append(f"[paper]({d['paper']})")
+        bits.append(md_escape(d["authors"]))
+    if safe_url(d.get("paper")):
+        bits.append(f"[paper]({safe_url(d['paper'])})")
     bits.append(f"n={e['n']}, seed {p.get('seed')}, code {p.get('code_version')}, "
                 f"weights sha256 {str(p.get('checkpoint_sha256'))[:12]}")
     return "- " + "; ".join(bits)
@@ -163,7 +169,6 @@ def _latex_cell(text: Any) -> str:
 
 def latex_title(title: str) -> str:
     r"""``cifar10 | Linf eps=8/255`` -> ``cifar10, $\ell_\infty$, $\epsilon = 8/255$``."""
-    import re
 
     m = re.fullmatch(r"(.*) \| (Linf|L2|NONE) eps=(\S+)", title)
     if not m:

@@ -51,6 +51,7 @@ def _fig(paths: dict | None, kind: str = "svg") -> str | None:
 
 
 def _row(e: dict[str, Any], rk: Any, attacks: list[str], figures: dict | None) -> dict[str, Any]:
+    from leaderboard.escape import safe_url
     from leaderboard.plots import data_uri
 
     fig = (figures or {}).get("entries", {}).get(e["entry_id"], {})
@@ -64,7 +65,8 @@ def _row(e: dict[str, Any], rk: Any, attacks: list[str], figures: dict | None) -
     rank_num = int(str(rk).lstrip("="))
     return {
         "id": slug(e["entry_id"]), "rank": rk, "rank_num": rank_num, "entry": e,
-        "defense": e["defense"], "clean": e["clean"], "worst": e["worst_case"],
+        "defense": {**e["defense"], "paper": safe_url(e["defense"].get("paper"))},
+        "unverified": bool(e.get("_unverified")), "clean": e["clean"], "worst": e["worst_case"],
         "attacks": [(a, e["attacks"].get(a)) for a in attacks], "flags": flags,
         "cost": e["cost"], "prov": prov, "tensors": tensors,
         "sample_ids": prov.get("sample_ids") or [],

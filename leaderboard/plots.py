@@ -137,15 +137,38 @@ def attack_figure(entry: dict[str, Any]):
 
 def entry_figures(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """The defense's own figures (e.g. t-SNE) that still exist: ``[{title, path}]``; relative
-    paths are resolved against the entry file's folder."""
+    paths are resolved against the entry file's folder.
+
+    An entry is untrusted: a figure must resolve (symlinks followed) inside the entry file's own
+    folder and BE an image (PNG, JPEG or SVG by its first bytes); anything else (``/etc/passwd``,
+    ``../../secret.png``) is skipped with a warning."""
+    import warnings
+
     out = []
-    base = Path(entry["_path"]).parent if entry.get("_path") else Path(".")
+    if not entry.get("_path"):
+        return out
+    base = Path(entry["_path"]).resolve().parent
     for f in entry.get("figures") or []:
-        p = Path(f["path"])
-        p = p if p.is_absolute() else base / p
-        if p.is_file():
-            out.append({"title": f.get("title") or p.stem, "path": p})
+        p = (base / str(f.get("path", ""))).resolve()
+        if base not in p.parents or not p.is_file() or not _is_image(p):
+            warnings.warn(f"entry {entry.get('entry_id')}: figure {f.get('path')!r} is not an "
+                          "image inside the entry's folder; skipped", stacklevel=2)
+            continue
+        out.append({"title": f.get("title") or p.stem, "path": p})
     return out
+
+
+def _is_image(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if path.suffix.lower() == ".png":
+        return head.startswith(b"\x89PNG\r\n\x1a\n")
+    if path.suffix.lower() in (".jpg", ".jpeg"):
+        return head.startswith(b"\xff\xd8\xff")
+    if path.suffix.lower() == ".svg":
+        text = head.lstrip().lower()
+        return text.startswith(b"<svg") or (text.startswith(b"<?xml") and b"<svg" in text)
+    return False
 
 
 def make_plots(entries: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Any]:

@@ -38,9 +38,10 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 def site(tmp_path_factory):
     root = tmp_path_factory.mktemp("html")
     es = sample_entries()
-    tsne = root / "tsne.png"
+    tsne = root / "entries" / "figures" / "tsne.png"  # a figure lies inside the entry's folder
+    tsne.parent.mkdir(parents=True)
     _tiny_png(tsne)
-    es[0]["figures"] = [{"title": "t-SNE of the latent space", "path": str(tsne)}]
+    es[0]["figures"] = [{"title": "t-SNE of the latent space", "path": "figures/tsne.png"}]
     for e in es:
         write_entry(e, root / "entries")
     from leaderboard.entries import load_entries

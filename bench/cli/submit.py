@@ -16,9 +16,10 @@ from bench.harness.submission.suites import SUITES, Metadata, SubmitOptions
 from bench.harness.submission.sweep import parse_eps_list, run_sweep, sweep_attack_for
 
 
-def describe(result: SubmitResult) -> str:
-    lines = [f"{len(result.entries)} entr{'y' if len(result.entries) == 1 else 'ies'} written:"]
-    for p in result.entries:
+def describe(result: SubmitResult | dict) -> str:
+    entries = result["entries"] if isinstance(result, dict) else result.entries
+    lines = [f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'} written:"]
+    for p in entries:
         e = json.loads(Path(p).read_text())
         lines.append(f"  {p}  clean {100 * e['clean']['accuracy']:.1f}%  worst case "
                      f"{100 * e['worst_case']['accuracy']:.1f}% "
@@ -96,18 +97,73 @@ def run(args: Any) -> int:
     meta = Metadata(name=args.name, authors=args.authors, paper=args.paper,
                     architecture=args.architecture, extra_data=args.extra_data, notes=args.notes)
     sweep = parse_eps_list(args.sweep) if args.sweep else None
-    try:
-        result = submit(args.defense, meta, opts, log=log)
-    except ValidationError as exc:
-        raise SubmitError(str(exc)) from None
+    if args.no_isolation:
+        try:
+            result = submit(args.defense, meta, opts, log=log)
+        except ValidationError as exc:
+            raise SubmitError(str(exc)) from None
+        entries, wall = [str(p) for p in result.entries], result.wall_time
+    else:
+        entries, wall = _submit_in_child(args, meta, opts)
     if sweep:
         first = (opts.attacks or [None])[0] or SUITES[opts.suite]["attacks"][0]
-        for p in result.entries:
+        for p in entries:
             run_sweep(p, sweep, attack=sweep_attack_for(first), progress=opts.progress, log=log)
-    print(describe(result))
-    log(f"submitted in {result.wall_time:.1f} s; verify with `robustmatrix verify "
-        f"{result.entries[0] if result.entries else '<entry>'}`")
+    print(describe({"entries": entries}))
+    log(f"submitted in {wall:.1f} s; verify with `robustmatrix verify "
+        f"{entries[0] if entries else '<entry>'}`")
     return 0
+
+
+#: errors of the harness itself (a refusal, a bad option): their own line is the message
+_EXPECTED = {"SubmitError", "ValidationError", "ConfigError", "RegistryError", "ArtifactError",
+             "DataError", "ChecksumError", "CheckpointError", "EntryError", "StoreError"}
+
+#: seconds per evaluated image, by suite, for the default --time-limit (CPU-sized, generous)
+SECONDS_PER_IMAGE = {"test": 2.0, "quick": 30.0, "standard": 600.0}
+
+
+def default_time_limit(suite: str, n: int) -> float:
+    """The default wall-clock limit of an isolated submission: 10 minutes to build and fit,
+    plus a per-image budget of the suite (``SECONDS_PER_IMAGE``)."""
+    return 600.0 + SECONDS_PER_IMAGE.get(suite, 600.0) * n
+
+
+def _submit_in_child(args: Any, meta: Metadata, opts: SubmitOptions) -> tuple[list[str], float]:
+    """Run the whole submission in a sandboxed child (:func:`submit_isolated`): wall-clock and
+    memory limits, no core dumps, its process group killed at the end. Any abnormal end (an
+    exception, a signal, ``os._exit``, a limit hit) is a :class:`SandboxError`: one line, exit 2;
+    the batches the child committed stay in the store."""
+    from bench.harness.submission.sandbox import SandboxError, parse_size, submit_isolated
+
+    if args.time_limit is None:
+        limit = default_time_limit(opts.suite, opts.n)
+    else:
+        try:
+            limit = float(args.time_limit)
+        except ValueError:
+            limit = float("nan")
+        if not (limit > 0 and limit <= 7 * 86400):
+            raise SubmitError(f"--time-limit {args.time_limit!r}: give seconds between 1 and "
+                              "604800, e.g. --time-limit 3600")
+    mem_text = str(args.memory_limit).strip().lower()
+    try:
+        memory = None if mem_text in ("none", "unlimited", "0") else parse_size(args.memory_limit)
+    except ValueError as exc:
+        raise SubmitError(f"--memory-limit: {exc}") from None
+    res = submit_isolated(args.defense, meta, opts, timeout=limit, memory_limit=memory,
+                          memory_rlimit="DATA" if str(opts.device).startswith("cuda") else "AS",
+                          label=f"submission {args.defense}")
+    if res.status == "exception" and res.error_type in _EXPECTED and res.error_message:
+        raise SubmitError(res.error_message)  # the harness's own one-line refusal, from the child
+    if not res.ok:
+        raise SandboxError(res)
+    value = res.value if isinstance(res.value, dict) else {}
+    entries = [str(p) for p in value.get("entries") or []]
+    if not entries:
+        raise SubmitError(f"submission {args.defense}: the isolated evaluation returned no "
+                          "entry; run again with --no-progress to see its log")
+    return entries, float(value.get("wall_time") or 0.0)
 
 
 
@@ -152,3 +208,9 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--force", action="store_true", help="record contract errors as flags "
                    "instead of refusing (fatal problems are always refused)")
     s.add_argument("--no-progress", action="store_true")
+    s.add_argument("--time-limit", metavar="SECONDS", help="wall-clock limit of the isolated "
+                   "evaluation [600 + a per-image budget of the suite times --n]")
+    s.add_argument("--memory-limit", default="8GiB", metavar="SIZE",
+                   help="memory the isolated evaluation may add, e.g. 4GiB, or 'none' [8GiB]")
+    s.add_argument("--no-isolation", action="store_true", help="run the defense in this "
+                   "process (trusted code only: no time or memory limit)")

@@ -25,6 +25,11 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: Any) -> int:
+    from bench.harness.submission.load import SubmitError
+
+    if not 0 <= args.rerun <= 1000:
+        raise SubmitError(f"--rerun {args.rerun}: give a number of batches between 0 and 1000, "
+                          "e.g. --rerun 2")
     reports = []
     for path in args.entry:
         rep = verify_entry(path, rerun=args.rerun, seed=args.seed, device=args.device,

@@ -101,6 +101,8 @@ class SandboxResult:
     exit_code: int | None = None
     signal: str | None = None
     error_type: str | None = None
+    #: the first line of the child's exception (``str(exc)``), without the sandbox's wording
+    error_message: str = ""
     traceback: str = ""
     output_tail: str = ""
     wall_time: float = 0.0
@@ -303,7 +305,7 @@ def _call(target: Any, args: tuple, kwargs: dict, limits: dict[str, Any]
     except BaseException as exc:  # noqa: BLE001 - everything the submitted code does is reported
         status = "memory" if _is_alloc_failure(exc) else "exception"
         try:
-            first = (str(exc).strip().splitlines() or [""])[0][:500]
+            first = (str(exc).strip().splitlines() or [""])[0][:2000]
             tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-20000:]
         except BaseException:  # noqa: BLE001 - formatting can itself run out of memory
             first, tb = "", ""
@@ -472,6 +474,7 @@ def _classify(res: SandboxResult, header: dict[str, Any] | None, payload: bytes,
         res.error_type = header.get("error_type")
         res.traceback = header.get("traceback", "")
         msg = header.get("message", "")
+        res.error_message = msg if res.status != "ok" else ""
         if res.status == "ok":
             import torch
 

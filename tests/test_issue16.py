@@ -1,0 +1,174 @@
+"""Issue 16: untrusted code and files, tried as a hostile user would. One test (or more) per
+numbered case of the issue, through the CLI path a user takes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main
+
+HOSTILE = Path(__file__).resolve().parent / "hostile" / "defenses.py"
+SUBMIT = ["--dataset", "test_tiny", "--n", "8", "--suite", "test", "--fit-preset", "tiny",
+          "--device", "cpu", "--no-progress"]
+
+
+def _last_line(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err.strip().splitlines()[-1]
+
+
+# case 1: submitted code runs in a child with limits ------------------------------------------
+@pytest.mark.parametrize("cls, limits, words", [
+    ("Sleeps", ["--time-limit", "6"], "did not finish within 6 s"),
+    ("Allocates", ["--memory-limit", "512MiB"], "allocate memory"),  # the limit hit, in the child
+    ("Exits", [], "exited with status 0"),
+])
+def test_a_hostile_forward_fails_the_submission_in_one_line(tmp_path, capsys, cls, limits,
+                                                            words):
+    run_dir = tmp_path / "run"
+    t0 = time.monotonic()
+    code = main(["submit", f"{HOSTILE}:{cls}", *SUBMIT, "--run-dir", str(run_dir), *limits])
+    assert code == 2  # never a silent success
+    assert time.monotonic() - t0 < 60
+    line = _last_line(capsys)
+    assert line.startswith("robustmatrix: error: submission ") and words in line, line
+    assert not list((run_dir / "entries").glob("*.json")) if (run_dir / "entries").exists() \
+        else True
+
+
+def test_a_forking_defense_is_killed_with_its_children(tmp_path, capsys):
+    import tempfile
+
+    marker = Path(tempfile.gettempdir()) / f"robustmatrix-forks-{os.getuid()}.pid"
+    marker.unlink(missing_ok=True)
+    code = main(["submit", f"{HOSTILE}:Forks", *SUBMIT, "--run-dir", str(tmp_path / "run"),
+                 "--time-limit", "8"])
+    assert code == 2
+    assert "did not finish within 8 s" in _last_line(capsys)
+    pid = int(marker.read_text())
+    for _ in range(50):  # the killed grandchild is reaped by init shortly after
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the defense's own subprocess {pid} outlived the submission")
+
+
+def test_a_class_that_raises_in_init_is_one_line(tmp_path, capsys):
+    code = main(["submit", f"{HOSTILE}:RaisesInInit", *SUBMIT, "--run-dir", str(tmp_path / "r")])
+    assert code == 2
+    line = _last_line(capsys)
+    assert "broken constructor" in line and line.startswith("robustmatrix: error:")
+
+
+def test_a_failed_submission_leaves_earlier_entries_and_the_store_intact(tmp_path, capsys):
+    from bench.core.store import ResultStore
+
+    run_dir = tmp_path / "run"
+    example = Path(__file__).resolve().parents[1] / "examples" / "my_defense.py"
+    assert main(["submit", f"{example}:BitDepthCNN", *SUBMIT, "--run-dir", str(run_dir)]) == 0
+    entries = sorted((run_dir / "entries").glob("*.json"))
+    before = {p.name: p.read_bytes() for p in entries}
+    store_before = {c.key: c.status for c in ResultStore(run_dir / "results.sqlite",
+                                                          readonly=True).cells()}
+    assert main(["submit", f"{HOSTILE}:Exits", *SUBMIT, "--run-dir", str(run_dir)]) == 2
+    assert {p.name: p.read_bytes() for p in sorted((run_dir / "entries").glob("*.json"))} \
+        == before
+    after = {c.key: c.status for c in ResultStore(run_dir / "results.sqlite",
+                                                   readonly=True).cells()}
+    assert {k: v for k, v in after.items() if k in store_before} == store_before
+
+
+# cases 2, 3, 4, 8: publish trusts nothing in an entry -----------------------------------------
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                    "1f15c4890000000d49444154789c63f8cfc0f00f0004850180848c2e2100000000"
+                    "49454e44ae426082")
+
+
+def _entries_dir(tmp_path, **edit) -> Path:
+    from leaderboard.entries import entry_digest, sample_entries, write_entry
+
+    folder = tmp_path / "run" / "entries"
+    for e in sample_entries()[:1]:
+        e["defense"].update(edit.pop("defense", {}))
+        e.update(edit)
+        e["provenance"]["entry_sha256"] = entry_digest(e)
+        write_entry(e, folder)
+    return folder
+
+
+def test_publish_copies_no_file_from_outside_the_entry_folder(tmp_path, capsys):
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(PNG)
+    folder = _entries_dir(tmp_path, figures=[
+        {"title": "passwd", "path": "/etc/passwd"},
+        {"title": "secret", "path": "../../secret.png"},
+        {"title": "fake", "path": "fake.png"},
+        {"title": "ok", "path": "figures/ok.png"}])
+    (folder / "fake.png").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    (folder / "figures").mkdir()
+    (folder / "figures" / "ok.png").write_bytes(PNG)
+    out = tmp_path / "site"
+    with pytest.warns(UserWarning, match="not an image inside the entry's folder"):
+        assert main(["publish", "--entries", str(folder), "--out", str(out),
+                     "--format", "md,html"]) == 0
+    copied = [p for p in (out / "plots" / "entries").iterdir() if "__attacks" not in p.name]
+    assert [p.name.rsplit("__", 1)[-1] for p in copied] == ["ok.png"]
+    assert all(b"root:" not in p.read_bytes() for p in (out / "plots").rglob("*") if p.is_file())
+
+
+def test_publish_renders_no_script_and_no_javascript_link(tmp_path, capsys):
+    folder = _entries_dir(tmp_path, defense={
+        "label": "<script>alert(1)</script>", "authors": "<img src=x onerror=alert(2)>",
+        "paper": "javascript:alert(1)//x"})
+    out = tmp_path / "site"
+    assert main(["publish", "--entries", str(folder), "--out", str(out), "--no-plots",
+                 "--format", "md,html"]) == 0
+    md = (out / "leaderboard.md").read_text()
+    pages = "".join(p.read_text() for p in (out / "html").glob("*.html"))
+    for text in (md, pages):
+        assert "<script>alert" not in text and "<img src=x" not in text
+        assert "javascript:" not in text.lower()
+    assert "&lt;script&gt;" in md
+
+
+def test_publish_out_is_path_checked(tmp_path, capsys):
+    folder = _entries_dir(tmp_path)
+    assert main(["publish", "--entries", str(folder), "--out", "/usr/lib", "--no-plots"]) == 2
+    assert "system directory" in _last_line(capsys)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert main(["publish", "--entries", str(folder), "--out", str(a_file), "--no-plots"]) == 2
+    assert "not a directory" in _last_line(capsys)
+
+
+def test_publish_refuses_a_tampered_entry_unless_unverified(tmp_path, capsys):
+    folder = _entries_dir(tmp_path)
+    path = next(folder.glob("*.json"))
+    e = json.loads(path.read_text())
+    e["worst_case"]["accuracy"] = 0.95  # hand-edited
+    path.write_text(json.dumps(e))
+    out = tmp_path / "site"
+    assert main(["publish", "--entries", str(folder), "--out", str(out), "--no-plots"]) == 2
+    assert "fails its integrity check" in _last_line(capsys)
+    assert not (out / "leaderboard.md").exists()
+    assert main(["publish", "--entries", str(folder), "--out", str(out), "--no-plots",
+                 "--unverified", "--format", "md"]) == 0
+    assert "(UNVERIFIED)" in (out / "leaderboard.md").read_text()
+
+
+# case 12 (part): nonsense is refused ---------------------------------------------------------
+def test_verify_refuses_a_negative_rerun(tmp_path, capsys):
+    folder = _entries_dir(tmp_path)
+    assert main(["verify", str(next(folder.glob("*.json"))), "--rerun", "-5"]) == 2
+    assert "--rerun -5" in _last_line(capsys)
