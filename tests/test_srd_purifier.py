@@ -342,3 +342,95 @@ def test_srd_imagenet10_small_resolution():
         out = d(test.images)
     assert float(purified.min()) >= 0 and float(purified.max()) <= 1
     assert out.shape == (30, 10) and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------- issue 14: the adaptive k rule
+def two_mode_set(n_per_mode: int = 30, dim: int = 8, seed: int = 0):
+    """Class 0 and 1: two well-separated modes each; class 2: one mode."""
+    g = torch.Generator().manual_seed(seed)
+    centres = {0: [torch.full((dim,), 6.0), torch.full((dim,), -6.0)],
+               1: [torch.cat([torch.full((dim // 2,), 6.0), torch.full((dim // 2,), -6.0)]),
+                   torch.cat([torch.full((dim // 2,), -6.0), torch.full((dim // 2,), 6.0)])],
+               2: [torch.zeros(dim)]}
+    zs, ys = [], []
+    for c, cs in centres.items():
+        for m in cs:
+            zs.append(m + torch.randn(n_per_mode, dim, generator=g))
+            ys.append(torch.full((n_per_mode,), c, dtype=torch.long))
+    return torch.cat(zs), torch.cat(ys)
+
+
+def test_bic_rule_picks_two_for_two_modes_and_one_for_one():
+    z, y = two_mode_set()
+    out = cluster_latents(z, y, 3, max_clusters=4, pca_dim=4, k_rule="bic")
+    assert out["k_per_class"] == [2, 2, 1]
+    assert len(out["bic"]) == 3 and all(b[0] is not None for b in out["bic"])
+    # the two clusters of class 0 are its two modes
+    a = out["assignment"]
+    assert len(set(a[:30].tolist())) == 1 and len(set(a[30:60].tolist())) == 1
+    assert a[0] != a[30]
+
+
+def test_bic_rule_one_mode_everywhere_gives_one_cluster_per_class():
+    g = torch.Generator().manual_seed(1)
+    z = torch.randn(120, 8, generator=g)
+    y = torch.arange(120) % 3
+    out = cluster_latents(z, y, 3, max_clusters=4, pca_dim=4, k_rule="bic")
+    assert out["k_per_class"] == [1, 1, 1]
+
+
+def test_unknown_k_rule_is_a_clear_error():
+    with pytest.raises(ValueError, match="k_rule must be 'bic' or 'silhouette'"):
+        cluster_latents(torch.randn(20, 3), torch.zeros(20, dtype=torch.long), 1,
+                        k_rule="elbow")
+
+
+class FlatFeatures(nn.Module):
+    """features(x) = the first 8 pixels of channel 0: a known feature space."""
+
+    def features(self, x):
+        return x[:, 0].flatten(1)[:, :8]
+
+
+def test_selection_picks_the_true_class_dictionary_on_clean_inputs():
+    from defenses.srd_purifier import selection_accuracy
+
+    z, y = two_mode_set()
+    out = cluster_latents(z, y, 3, max_clusters=4, pca_dim=4)
+    p = SRDPurifier(FlatFeatures(), coding_iterations=3)
+    p._buffers["cluster_means"] = out["means"]
+    p._buffers["cluster_stds"] = out["stds"]
+    p._buffers["cluster_class"] = out["cluster_class"]
+    x = torch.zeros(len(z), 3, 4, 4)
+    x[:, 0] = z.reshape(-1, 2, 4).repeat(1, 2, 1)[:, :4, :4]  # first 8 pixels = the latent
+    assert torch.equal(FlatFeatures().features(x), z)
+    chosen = p.nearest_cluster(x)
+    assert selection_accuracy(chosen, p.cluster_class, y) == 1.0
+    # and the metric does see a wrong choice
+    assert selection_accuracy(torch.zeros_like(chosen), p.cluster_class, y) == pytest.approx(
+        float((y == 0).float().mean()))
+
+
+def test_purifier_passes_the_low_band_exactly_and_stays_in_range(fitted_tiny_srd):
+    d, test = fitted_tiny_srd
+    x = test.images
+    with torch.no_grad():
+        low, rebuilt = d.purifier.parts(x)
+        out = d.purifier(x)
+    assert torch.equal(low, tikhonov_split(x, d.purifier.tikhonov_lambda,
+                                           d.purifier.tikhonov_pad)[0])
+    assert torch.equal(out, (low + rebuilt).clamp(0.0, 1.0))
+    assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
+    big = (x * 3 - 1)  # out-of-range input: the output is still an image
+    with torch.no_grad():
+        o2 = d.purifier(big)
+    assert float(o2.min()) >= 0.0 and float(o2.max()) <= 1.0
+
+
+def test_fit_reports_k_per_class_and_selection_accuracy(fitted_tiny_srd):
+    d, _ = fitted_tiny_srd
+    info = d.fit_info
+    assert info["k_rule"] == "bic" and len(info["k_per_class"]) == 10
+    assert sum(info["k_per_class"]) == d.purifier.num_clusters
+    assert 0.0 <= info["selection_accuracy_fit_clean"] <= 1.0
+    assert info["feature_space"].startswith("robust model")
