@@ -23,7 +23,14 @@ SCHEDULES = Schedule.values()
 ADAPTIVE_KEYS = ("enabled", "eot_draws", "transfer", "reject_class", "rand_autoattack", "square",
                  "square_queries", "wrong_label_latent", "pgd_steps", "detector_weight",
                  "detector_margin")
-CHECK_KEYS = ("convergence_subset", "convergence_tol", "large_eps_subset")
+CHECK_KEYS = ("convergence_subset", "convergence_tol", "large_eps_subset", "defaults",
+              "binarization_subset", "binarization_min_pass", "stability_subset",
+              "stability_tol", "sanity_subset")
+#: the sanity checks every preset and suite runs unless ``checks: {defaults: false}``: each on a
+#: bounded subsample (docs/checklist.md); an explicit ``checks:`` key overrides its default
+DEFAULT_CHECKS: dict[str, Any] = {"convergence_subset": 16, "large_eps_subset": 16,
+                                  "binarization_subset": 8, "stability_subset": 16,
+                                  "sanity_subset": 16}
 MAX_N = 1_000_000
 MAX_BATCH = 65_536
 
@@ -346,13 +353,23 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
     bad = sorted(set(map(str, checks)) - set(CHECK_KEYS))
     if bad:
         raise ConfigError(f"checks: unknown option {bad[0]!r}; known: {list(CHECK_KEYS)}")
-    for k in ("convergence_subset", "large_eps_subset"):
+    defaults = checks.pop("defaults", True)
+    if not isinstance(defaults, bool):
+        raise ConfigError(f"checks.defaults: expected true or false, got {defaults!r}")
+    checks = {**(DEFAULT_CHECKS if defaults else {}), **checks}
+    for k in ("convergence_subset", "large_eps_subset", "binarization_subset",
+              "stability_subset", "sanity_subset"):
         if k in checks:
             checks[k] = _int(checks[k], f"checks.{k}", 0, MAX_N)
     if "convergence_tol" in checks:
         tol = checks["convergence_tol"]
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:
             raise ConfigError(f"checks.convergence_tol: expected a number in [0, 1], got {tol!r}")
+    for k in ("binarization_min_pass", "stability_tol"):
+        v = checks.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                              or not 0 <= v <= 10):
+            raise ConfigError(f"checks.{k}: expected a number in [0, 10], got {v!r}")
     cfg.checks = dict(checks)
     if "run_dir" in raw:
         cfg.run_dir = check_run_dir(raw["run_dir"])

@@ -151,9 +151,15 @@ def attack_checks(records: Mapping[str, Any]) -> list[dict]:
     """Checks on one cell's aggregated attack records."""
     flags = []
     silent = records.get("silent_success", 0)
+    recovered = int(records.get("recovered_best_iterates", 0) or 0)
     if silent:
         flags.append(flag("silent_success", f"{silent} samples had an adversarial intermediate "
                           "iterate but the returned point is not adversarial"))
+    elif recovered:  # repaired (the best iterate is stored) but still an attack failure
+        flags.append(flag("silent_success", f"{recovered} samples: the attack returned a "
+                          "non-adversarial point although an intermediate iterate was "
+                          "adversarial; the best iterate was returned instead",
+                          repaired=recovered))
     moving = records.get("loss_still_moving")
     if moving:
         flags.append(flag("non_convergence", f"mean loss rose by {moving:.1%} over the last 20% "
@@ -277,6 +283,17 @@ def attack_kind(cell) -> str:
     if name == "square" or (name.startswith("autoattack") and
                             list(conf.get("attacks") or []) == ["square"]):
         return AttackKind.BLACK_BOX.value
+    if name == "wrong_label_latent":
+        return AttackKind.SEMANTIC.value
+    return AttackKind.WHITE_BOX.value
+
+
+def attack_kind_name(name: str) -> str:
+    """white-box / black-box / semantic from a registry name alone (for the per-cell checks)."""
+    if name == "square":
+        return AttackKind.BLACK_BOX.value
+    if name in ("transfer",):
+        return "transfer"
     if name == "wrong_label_latent":
         return AttackKind.SEMANTIC.value
     return AttackKind.WHITE_BOX.value
