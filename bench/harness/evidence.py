@@ -166,6 +166,7 @@ def binarization_test(defense: nn.Module, attack, threat: str, eps: float, image
         return _status(code, "n/a", "detector defense: the binary task has no reject option")
     gen = torch.Generator().manual_seed(seed)
     passed = valid = 0
+    points: list[int | None] = []  # per point: 1 found, 0 missed, None invalid task
     errors: list[str] = []
     x_all, _ = images[:n], labels[:n]
     for i in range(len(x_all)):
@@ -180,6 +181,7 @@ def binarization_test(defense: nn.Module, attack, threat: str, eps: float, image
             ok = (int(bin_def(x0.unsqueeze(0)).argmax(1)) == 0 and
                   int(bin_def(boundary).argmax(1)) == 1)
         if not ok:
+            points.append(None)
             continue
         valid += 1
         y0 = torch.zeros(1, dtype=torch.long, device=x0.device)
@@ -187,21 +189,25 @@ def binarization_test(defense: nn.Module, attack, threat: str, eps: float, image
             adv = attack(bin_def, x0.unsqueeze(0), y0, eps, seed=seed).adv
         except Exception as exc:  # noqa: BLE001 - reported in the record, not raised
             errors.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            points.append(None)
             continue
         adv = _project(adv.detach(), x0.unsqueeze(0), eps, threat)
         with torch.no_grad(), checks_.seeded(x0, seed):
-            passed += int(int(bin_def(adv).argmax(1)) == 1)
+            hit = int(int(bin_def(adv).argmax(1)) == 1)
+        passed += hit
+        points.append(hit)
     if valid == 0:
         return _status(code, "n/a", f"no valid binary task on {len(x_all)} points"
                        + (f" ({errors[0]})" if errors else ""), n=len(x_all), valid=0)
-    if errors and len(errors) == valid:
+    if errors and len(errors) == valid:  # every valid task errored: the attack cannot run
         return _status(code, "n/a", f"the attack cannot run on a 2-class task ({errors[0]})",
                        n=len(x_all), valid=valid)
     rate = passed / valid
     status = "pass" if rate >= min_pass_rate else "fail"
     return _status(code, status, f"attack found the known adversarial on {passed}/{valid} "
                    f"binary tasks ({rate:.0%}; {len(x_all) - valid} invalid)",
-                   pass_rate=rate, passed=passed, valid=valid, n=len(x_all))
+                   pass_rate=rate, passed=passed, valid=valid, n=len(x_all), points=points,
+                   min_pass_rate=min_pass_rate)
 
 
 def _project(adv: torch.Tensor, x: torch.Tensor, eps: float, threat: str) -> torch.Tensor:
@@ -277,7 +283,8 @@ def compare_attack(code: str, other: str, defense, threat: str, eps: float, x: t
     only = int((broken & robust.to(broken.device)).sum())
     return _status(code, "fail" if only > tol else "pass",
                    f"{other} broke {int(broken.sum())}/{len(y)} points, {only} of them left "
-                   "robust by this attack", only=only, n=len(y))
+                   "robust by this attack", only=only, n=len(y),
+                   broken=[int(b) for b in broken.cpu().tolist()], name=other)
 
 
 def single_step_check(defense, threat, eps, x, y, robust, **kw) -> dict[str, Any]:
@@ -292,6 +299,51 @@ def gradient_free_check(defense, threat, eps, x, y, robust, *, queries: int = 30
                           options={"version": "custom", "attacks": ["square"], "n_queries": queries}, **kw)
 
 
+def flag_records(plan, checks: Mapping[str, Any], agg: Mapping[str, Any], flags: list[dict],
+                 conv: list[dict], doublable: bool) -> list[dict[str, Any]]:
+    """Check records for the checks whose failure is a flag (so the checklist can tell "ran and
+    passed" from "did not run"): loss trace, gradients, BPDA transfer, large epsilon /
+    unconstrained attack, doubled iterations."""
+    codes = {f["code"] for f in flags}
+    out = []
+
+    def rec(code: str, ran: bool, failed: bool, seen_pass: str, seen_na: str) -> None:
+        status = (FAIL_ if failed else "pass") if ran else "n/a"
+        out.append(_status(code, status, seen_pass if ran else seen_na))
+
+    rec("silent_success", True, "silent_success" in codes,
+        "the returned points are the best iterates (none adversarial only in between)", "")
+    trace = agg.get("loss_still_moving") is not None and not getattr(plan, "minimal", False)
+    rec("loss_trace", trace, "non_convergence" in codes and not conv,
+        "the attack loss is flat over the last 20% of the steps", "no loss trace")
+    rec("gradients", True, "zero_gradients" in codes and not agg.get("bpda"),
+        "input gradients non-zero and finite", "")
+    if agg.get("bpda") and "zero_gradients" in codes:
+        out[-1]["seen"] = ("input gradients through the defense are zero or NaN, and this "
+                           "attack uses BPDA (backward through the identity)")
+        out[-1]["bpda"] = True
+    rec("transfer_failure", agg.get("surrogate_kind") == "surrogate",
+        "surrogate_transfer_failure" in codes,
+        "points adversarial on the BPDA surrogate are adversarial on the defense",
+        "no differentiable surrogate used")
+    n_big = int(checks.get("large_eps_subset", 0) or 0)
+    rec("unconstrained_attack", n_big > 0, "unbounded_attack_fails" in codes,
+        f"PGD at Linf eps 0.5 broke ~100% of {n_big} samples", "large_eps_subset is 0")
+    rec("large_eps", n_big > 0, "above_chance_large_eps" in codes,
+        f"accuracy at Linf eps 0.5 at most chance on {n_big} samples", "large_eps_subset is 0")
+    n_dbl = int(checks.get("convergence_subset", 0) or 0)
+    rec("doubled_iterations", n_dbl > 0 and doublable, bool(conv),
+        f"doubling the iterations left robust accuracy within tolerance on up to {n_dbl} samples",
+        "convergence_subset is 0" if n_dbl <= 0 else "the attack has no iteration knob")
+    if conv:
+        out[-1]["seen"] = conv[0]["seen"]
+    return out
+
+
+FAIL_ = "fail"
+
+
 def as_flags(records: list[dict[str, Any]]) -> list[dict]:
     """The failed check records as cell flags (so the Flags column shows them too)."""
-    return [flag(r["code"], r["seen"]) for r in records if r.get("status") == "fail"]
+    return [flag(r["code"], r["seen"]) for r in records  # the others are properties of the
+            if r.get("status") == "fail" and r["code"] == "unstable_predictions"]  # suite

@@ -87,7 +87,13 @@ def large_eps_check(defense, images: torch.Tensor, labels: torch.Tensor, *, n: i
     with torch.no_grad():
         num_classes = int(defense(x[:1]).shape[1])
     clean = score(_NoDetect(defense), x, y, draws=draws, seed=seed).correct
-    attack = create_attack("pgd", threat="linf", steps=steps, seed=seed)
+    st = getattr(defense, "structure", None)
+    if st is not None and (not st.preprocessor_differentiable or st.random):
+        # the gradients the row's adaptive attacks use (BPDA / EOT), not the masked ones
+        attack = create_attack("adaptive", threat="linf", inner="pgd",
+                               inner_options={"steps": steps}, seed=seed)
+    else:
+        attack = create_attack("pgd", threat="linf", steps=steps, seed=seed)
     adv = attack(defense, x, y, eps, seed=seed).adv
     correct = score(_NoDetect(defense), adv, y, draws=draws, seed=seed).correct
     acc = float(correct.float().mean())
@@ -248,27 +254,9 @@ def convergence_check(defense, spec, threat: str, eps: float, images: torch.Tens
 # -----------------------------------------------------------------------------------------------
 # across cells
 # -----------------------------------------------------------------------------------------------
-#: best known classifier robust accuracy per (dataset, threat): (eps, accuracy) anchors from
-#: EVALUATION.md (RobustBench CIFAR-10 Linf: Standard 94.78 clean; TRADES 53.08 at 8/255).
-#: [reconstruction] Between anchors the reference is interpolated linearly, beyond the last one
-#: it stays at the last value (an over-estimate, so the check only fires when it is safe).
-REFERENCE_ROBUST_ACCURACY: dict[tuple[str, str], list[tuple[float, float]]] = {
-    ("cifar10", "linf"): [(0.0, 0.9478), (8 / 255, 0.5308)],
-}
-
-
-def reference_accuracy(dataset: str, threat: str, eps: float,
-                       table: Mapping | None = None) -> float | None:
-    anchors = (table or REFERENCE_ROBUST_ACCURACY).get((dataset, threat))
-    if not anchors:
-        return None
-    anchors = sorted(anchors)
-    if eps <= anchors[0][0]:
-        return anchors[0][1]
-    for (e0, a0), (e1, a1) in zip(anchors, anchors[1:]):
-        if e0 <= eps <= e1:
-            return a0 + (a1 - a0) * (eps - e0) / (e1 - e0)
-    return anchors[-1][1]
+#: best known classifier robust accuracy per (dataset, threat), with sources: bench/core/anchors.py
+from bench.core.anchors import REFERENCE_ROBUST_ACCURACY as REFERENCE_ROBUST_ACCURACY  # noqa: E402
+from bench.core.anchors import reference_accuracy as reference_accuracy  # noqa: E402
 
 
 def attack_kind(cell) -> str:

@@ -280,12 +280,16 @@ class MatrixRunner:
             defense_flags)
         metrics = {"n_attacked": int(len(subset)), "records": agg}
         if attack is not None:
-            flags += flagmod.convergence_check(defense, plan.attack, plan.threat, plan.eps, x_all,
-                                               y_all, self.store.samples(key), seed=cfg.seed,
-                                               draws=cfg.random_draws, checks=cfg.checks)
+            conv = flagmod.convergence_check(defense, plan.attack, plan.threat, plan.eps, x_all,
+                                             y_all, self.store.samples(key), seed=cfg.seed,
+                                             draws=cfg.random_draws, checks=cfg.checks)
+            flags += conv
             checks = self._evidence(plan, defense, attack, x_all, y_all, key)
-            metrics["checks"] = checks
             flags += evidence.as_flags(checks)
+            checks += evidence.flag_records(plan, cfg.checks, agg, flags, conv,
+                                            flagmod.doubled_spec(plan.attack, plan.threat)
+                                            is not None)
+            metrics["checks"] = checks
             if hasattr(attack, "cell_report"):  # e.g. the wrong-label latent attack's report
                 metrics["report"] = attack.cell_report(extras, self.run_dir, key, context=context)
         self.store.finish_cell(key, flags=flags, metrics=metrics,
@@ -304,6 +308,7 @@ class MatrixRunner:
 
         def subset(n: int):
             picked = rows[:n]
+            self._subset_ids = [r["idx"] for r in picked]
             idx = torch.tensor([r["idx"] for r in picked])
             robust = torch.tensor([bool(r["robust"]) for r in picked])
             return x_all[idx.to(x_all.device)], y_all[idx.to(y_all.device)], robust
@@ -327,11 +332,10 @@ class MatrixRunner:
         nq = int(chk.get("sanity_subset", 0) or 0)
         if nq > 0 and kind == "white-box":
             x, y, robust = subset(nq)
-            out.append(evidence.single_step_check(defense, plan.threat, plan.eps, x, y, robust,
-                                                  seed=cfg.seed, draws=cfg.random_draws))
-            out.append(evidence.gradient_free_check(defense, plan.threat, plan.eps, x, y,
-                                                    robust, seed=cfg.seed,
-                                                    draws=cfg.random_draws))
+            ids = list(self._subset_ids)
+            for fn in (evidence.single_step_check, evidence.gradient_free_check):
+                out.append({**fn(defense, plan.threat, plan.eps, x, y, robust, seed=cfg.seed,
+                                 draws=cfg.random_draws), "idx": ids})
         return out
 
 
