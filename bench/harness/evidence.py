@@ -137,15 +137,16 @@ def _fit_head(f_neg: torch.Tensor, f_pos: torch.Tensor, steps: int = 300) -> nn.
 
 
 def binarization_test(defense: nn.Module, attack, threat: str, eps: float, images: torch.Tensor,
-                      labels: torch.Tensor, *, n: int = 8, n_inner: int = 32,
-                      inner_radius: float = 0.4, seed: int = 0,
+                      labels: torch.Tensor, *, n: int = 8, n_inner: int = 64,
+                      inner_radius: float = 1.0, seed: int = 0,
                       min_pass_rate: float = 0.9) -> dict[str, Any]:
     """The binarization test on ``n`` evaluation points.
 
     For each point x0: features (the input of the defense's final linear layer, after its
-    preprocessor) of x0 and of ``n_inner`` points drawn inside the ball of radius
-    ``inner_radius * eps`` are labelled 0, a point drawn on the boundary of the epsilon ball is
-    labelled 1; a linear head is fitted on them and replaces the readout. The point is *valid*
+    preprocessor) of x0 and of ``n_inner`` random points of the ball of radius
+    ``inner_radius * eps`` (half inside, half on its surface) are labelled 0, one random point on
+    the boundary of the epsilon ball is labelled 1 (so a random perturbation does not solve the
+    task: only a search that follows the model towards that point does); a linear head is fitted on them and replaces the readout. The point is *valid*
     when the new model classifies x0 as 0 and the boundary point as 1 (an adversarial example
     inside the ball then provably exists). ``attack`` is run on the binary model with label 0;
     it passes the point when its re-scored output is class 1. Returns a check record with the
@@ -171,8 +172,10 @@ def binarization_test(defense: nn.Module, attack, threat: str, eps: float, image
     x_all, _ = images[:n], labels[:n]
     for i in range(len(x_all)):
         x0 = x_all[i]
-        inner = torch.cat([x0.unsqueeze(0), _ball_sample(x0, eps, threat, inner_radius,
-                                                         n_inner, gen)])
+        half = n_inner // 2
+        inner = torch.cat([x0.unsqueeze(0),
+                           _ball_sample(x0, eps, threat, inner_radius, n_inner - half, gen),
+                           _ball_sample(x0, eps, threat, inner_radius, half, gen, surface=True)])
         boundary = _ball_sample(x0, eps, threat, 1.0, 1, gen, surface=True)
         with checks_.seeded(x0, seed):
             f_neg, f_pos = _features(defense, inner), _features(defense, boundary)
@@ -305,11 +308,18 @@ def flag_records(plan, checks: Mapping[str, Any], agg: Mapping[str, Any], flags:
     passed" from "did not run"): loss trace, gradients, BPDA transfer, large epsilon /
     unconstrained attack, doubled iterations."""
     codes = {f["code"] for f in flags}
+    seen_of = {f["code"]: f.get("seen", "") for f in flags}
+    flag_of = {"silent_success": "silent_success", "loss_trace": "non_convergence",
+               "gradients": "zero_gradients", "transfer_failure": "surrogate_transfer_failure",
+               "unconstrained_attack": "unbounded_attack_fails",
+               "large_eps": "above_chance_large_eps"}
     out = []
 
     def rec(code: str, ran: bool, failed: bool, seen_pass: str, seen_na: str) -> None:
         status = (FAIL_ if failed else "pass") if ran else "n/a"
-        out.append(_status(code, status, seen_pass if ran else seen_na))
+        seen = seen_na if not ran else seen_of.get(flag_of.get(code, ""), "") if failed \
+            else seen_pass
+        out.append(_status(code, status, seen or seen_pass))
 
     rec("silent_success", True, "silent_success" in codes,
         "the returned points are the best iterates (none adversarial only in between)", "")
