@@ -61,6 +61,12 @@ def _merge(code: str, records: list[dict[str, Any]]) -> tuple[str, str]:
     return NA, records[0]["seen"]
 
 
+def binarization_rates(records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Per attack of the row: its own binarization pass rate."""
+    return {str(r.get("attack")): float(r["pass_rate"]) for r in records
+            if r.get("code") == "binarization" and r.get("pass_rate") is not None}
+
+
 def _binarization(records: list[dict[str, Any]]) -> tuple[str, str]:
     """The row's attack SUITE passes a point when any of its attacks found the adversarial
     (the cells share the subsample and the seeded binary tasks); fail below the threshold."""
@@ -107,6 +113,8 @@ def build_checklist(flags: Iterable[Mapping[str, Any]],
             status, seen = FAIL, "; ".join(str(f.get("seen", "")) for f in hit[:3])
         out.append({"check": key, "short": short, "title": title, "status": status,
                     "seen": seen})
+        if key == "binarization":
+            out[-1]["pass_rates"] = binarization_rates(recs)
     other = [f for f in flags if f.get("code") not in _CLAIMED]
     out.append({"check": OTHER[0], "short": OTHER[1], "title": OTHER[2],
                 "status": FAIL if other else PASS,

@@ -144,9 +144,10 @@ def binarization_test(defense: nn.Module, attack, threat: str, eps: float, image
 
     For each point x0: features (the input of the defense's final linear layer, after its
     preprocessor) of x0 and of ``n_inner`` random points of the ball of radius
-    ``inner_radius * eps`` (half inside, half on its surface) are labelled 0, one random point on
-    the boundary of the epsilon ball is labelled 1 (so a random perturbation does not solve the
-    task: only a search that follows the model towards that point does); a linear head is fitted on them and replaces the readout. The point is *valid*
+    ``inner_radius * eps`` (uniform inside it) are labelled 0, one random point on the boundary
+    of the epsilon ball is labelled 1 (so a random start alone does not solve the task: a search
+    must follow the model's gradient towards the boundary); a linear head is fitted on them and
+    replaces the readout. The point is *valid*
     when the new model classifies x0 as 0 and the boundary point as 1 (an adversarial example
     inside the ball then provably exists). ``attack`` is run on the binary model with label 0;
     it passes the point when its re-scored output is class 1. Returns a check record with the
@@ -172,10 +173,8 @@ def binarization_test(defense: nn.Module, attack, threat: str, eps: float, image
     x_all, _ = images[:n], labels[:n]
     for i in range(len(x_all)):
         x0 = x_all[i]
-        half = n_inner // 2
         inner = torch.cat([x0.unsqueeze(0),
-                           _ball_sample(x0, eps, threat, inner_radius, n_inner - half, gen),
-                           _ball_sample(x0, eps, threat, inner_radius, half, gen, surface=True)])
+                           _ball_sample(x0, eps, threat, inner_radius, n_inner, gen)])
         boundary = _ball_sample(x0, eps, threat, 1.0, 1, gen, surface=True)
         with checks_.seeded(x0, seed):
             f_neg, f_pos = _features(defense, inner), _features(defense, boundary)
@@ -299,7 +298,8 @@ def single_step_check(defense, threat, eps, x, y, robust, **kw) -> dict[str, Any
 def gradient_free_check(defense, threat, eps, x, y, robust, *, queries: int = 300,
                         **kw) -> dict[str, Any]:
     return compare_attack("gradient_free", "autoattack", defense, threat, eps, x, y, robust,
-                          options={"version": "custom", "attacks": ["square"], "n_queries": queries}, **kw)
+                          options={"version": "custom", "attacks": ["square"],
+                                   "n_queries": queries}, **kw)
 
 
 def flag_records(plan, checks: Mapping[str, Any], agg: Mapping[str, Any], flags: list[dict],
