@@ -100,7 +100,7 @@ class BenchmarkConfig:
     #: adaptive attacks chosen from each defense's structure: true/false or a mapping of
     #: options (ADAPTIVE_KEYS; defaults in bench/harness/adaptive_policy.py)
     adaptive: Any = True
-    #: optional reliability checks (CHECK_KEYS; see bench/harness/flags.py), e.g.
+    #: reliability checks (CHECK_KEYS) merged over DEFAULT_CHECKS (docs/checklist.md), e.g.
     #: {convergence_subset: 16, large_eps_subset: 16}
     checks: dict[str, Any] = field(default_factory=dict)
 
