@@ -19,6 +19,8 @@ Schema ``robustmatrix-entry-1`` (numbers stay numbers; accuracies are fractions 
                        attack, options, cell_key, adv_sha256, batches: [{batch, path, sha256}]}}
     worst_case        {accuracy, ci_low, ci_high, k, n}   per-sample AND over every attack
     flags             [{code, title, seen, try, attacks?, source?}]   cell + contract flags
+    checklist         [{check, short, title, status (pass|fail|n/a), seen}]  the per-row
+                       evaluation checklist (leaderboard/checklist.py, docs/checklist.md)
     validation        the contract-check report (bench/harness/validate.py)
     cost              {forward_passes, backward_passes, attack_wall_time, total_wall_time,
                        fit_seconds}
@@ -42,6 +44,7 @@ from typing import Any
 import pandas as pd
 
 from bench.core.hashing import json_sha256
+from leaderboard.checklist import build_checklist, compact
 from leaderboard.table import _eps_label, _fmt, build_records, rank, wilson_interval
 
 SCHEMA = "robustmatrix-entry-1"
@@ -113,13 +116,17 @@ def build_entries(store: Any, cells: list, *, metadata: dict[str, Any], run_dir:
                                            "sha256": b["adv_sha256"]}
                                           for b in store.batches(c.key)]}
         spec = clean_cell.spec
+        row_flags = list(extra_flags or []) + rec["flags"]
+        entry_checks = _suite_records(store, attack_cells)
+        entry_checks += _row_records(cells, rec, prov.get("structure") or {})
         entry = {
             "schema": SCHEMA,
             "entry_id": f"{metadata['label']}/{rec['dataset']}/{rec['threat']}/{rec['eps']:.6g}",
             "defense": {**metadata, "structure": prov.get("structure", {})},
             "dataset": rec["dataset"], "threat": rec["threat"], "eps": rec["eps"], "n": rec["n"],
             "clean": rec["clean"], "attacks": attacks, "worst_case": rec["worst_case"],
-            "flags": list(extra_flags or []) + rec["flags"],
+            "flags": row_flags,
+            "checklist": build_checklist(row_flags, entry_checks) if entry_checks else [],
             "detector_fpr": rec.get("detector_fpr"),
             "validation": validation or {},
             "cost": {"forward_passes": rec["cost"]["forward_passes"],
@@ -143,6 +150,50 @@ def build_entries(store: Any, cells: list, *, metadata: dict[str, Any], run_dir:
         entry["provenance"]["entry_sha256"] = entry_digest(entry)
         entries.append(entry)
     return entries
+
+
+def _suite_records(store: Any, attack_cells: list) -> list[dict]:
+    """The attack cells' check records (``attack`` added); the single-step and gradient-free
+    comparisons are re-judged against the row's worst case (a point some other attack of the
+    suite broke is not a miss of the suite)."""
+    robust: dict[int, bool] = {}
+    for c in attack_cells:
+        for r in store.samples(c.key):
+            robust[r["idx"]] = robust.get(r["idx"], True) and bool(r["robust"])
+    out = []
+    for c in attack_cells:
+        for r in (c.metrics or {}).get("checks", []):
+            r = {**r, "attack": c.attack}
+            if r.get("idx") is not None and r.get("broken") is not None and \
+                    r["status"] in ("pass", "fail"):
+                only = sum(1 for i, b in zip(r["idx"], r["broken"]) if b and robust.get(i, False))
+                r["status"] = "fail" if only else "pass"
+                r["seen"] = (f"{r.get('name', 'the other attack')} broke {sum(r['broken'])}/"
+                             f"{len(r['broken'])} points, {only} of them robust in the row's "
+                             "worst case")
+            out.append(r)
+    return out
+
+
+def _row_records(cells: list, rec: dict, structure: dict) -> list[dict]:
+    """Check records only visible across a defense's cells: the epsilon sweep (applies when
+    several eps of this threat were run) and the detector plausibility (detectors with anchors)."""
+    from bench.core.anchors import reference_accuracy
+
+    eps = {round(float(c.eps), 8) for c in cells if c.attack != "clean"
+           and c.dataset == rec["dataset"] and c.threat == rec["threat"]}
+    out = [{"code": "eps_sweep", "status": "pass" if len(eps) > 1 else "n/a",
+            "seen": (f"{len(eps)} epsilons run, robust accuracy does not rise" if len(eps) > 1
+                     else "one epsilon run")}]
+    ref = reference_accuracy(rec["dataset"], rec["threat"], rec["eps"] / 2)
+    if structure.get("has_detector"):
+        out.append({"code": "detector_plausibility", "status": "pass" if ref is not None
+                    else "n/a", "seen": (f"below the best known classifier at eps/2 ({ref:.1%})"
+                                         if ref is not None else "no reference anchors for "
+                                         f"{rec['dataset']} {rec['threat']}")})
+    else:
+        out.append({"code": "detector_plausibility", "status": "n/a", "seen": "no detector"})
+    return out
 
 
 def entry_digest(entry: dict[str, Any]) -> str:
@@ -282,6 +333,8 @@ def entries_tables(entries: list[dict[str, Any]], *, per_attack: bool = True,
                 row["Wall s"] = round(e["cost"].get("total_wall_time",
                                                     e["cost"].get("attack_wall_time", 0.0)), 1)
             row["Flags"] = ", ".join(dict.fromkeys(f["code"] for f in e["flags"])) or "-"
+            if any(x.get("checklist") for x in rs):
+                row["Checklist"] = compact(e.get("checklist"))
             rows.append(row)
         tables[board_title(dataset, threat, eps)] = pd.DataFrame(rows)
     return tables

@@ -82,6 +82,10 @@ def entries_markdown(entries: list[dict[str, Any]], *, per_attack: bool = True,
         parts.append(f"### {head}\n\n" + tabulate(tables[title].map(md_escape), headers="keys",
                                                      tablefmt="github", showindex=False,
                                                      disable_numparse=True))
+        if any(e.get("checklist") for e in es):
+            from leaderboard.checklist import legend
+
+            parts.append(legend())
         notes = flag_notes(es)
         if notes:
             parts.append("Flags:\n\n" + "\n".join(

@@ -72,6 +72,9 @@ def _row(e: dict[str, Any], rk: Any, attacks: list[str], figures: dict | None) -
         "sample_ids": prov.get("sample_ids") or [],
         "validation": (e.get("validation") or {}).get("findings", []),
         "attack_plot": _fig(fig.get("attacks")),
+        "security_plot": _fig(fig.get("security")),
+        "security_png": _fig(fig.get("security"), "png"),
+        "checklist": e.get("checklist") or [],
         "own_figures": [{"title": f["title"], "uri": data_uri(f["path"])}
                         for f in fig.get("figures", [])],
         "sweep": e.get("sweep"),

@@ -135,6 +135,46 @@ def attack_figure(entry: dict[str, Any]):
     return fig
 
 
+def security_points(entry: dict[str, Any], entries: list[dict[str, Any]]) -> list[tuple]:
+    """(eps, accuracy, ci_low, ci_high) for one row's security-evaluation curve: eps 0 (clean),
+    the row's own sweep when it has one, else the worst case of every board of the same
+    defense, dataset and threat."""
+    c = entry["clean"]
+    pts = {0.0: (c["accuracy"], c["ci_low"], c["ci_high"])}
+    if entry.get("sweep") and entry["sweep"].get("points"):
+        for p in entry["sweep"]["points"]:
+            w = p["worst_case"]
+            pts[float(p["eps"])] = (w["accuracy"], w["ci_low"], w["ci_high"])
+    for e in entries:
+        if (e["defense"]["label"], e["dataset"], e["threat"]) == (
+                entry["defense"]["label"], entry["dataset"], entry["threat"]):
+            w = e["worst_case"]
+            pts.setdefault(float(e["eps"]), (w["accuracy"], w["ci_low"], w["ci_high"]))
+    return [(k, *v) for k, v in sorted(pts.items())]
+
+
+def security_figure(entry: dict[str, Any], entries: list[dict[str, Any]]):
+    """The row's security-evaluation curve: robust accuracy against epsilon (95% band), with
+    chance marked; the curve goes as far as the epsilons that were run."""
+    pts = security_points(entry, entries)
+    scale = 255 if entry["threat"] == "linf" else 1
+    xs = [p[0] * scale for p in pts]
+    fig, ax = plt.subplots(figsize=(3.6, 2.6))
+    ax.plot(xs, [100 * p[1] for p in pts], marker="o", color="#b5473a")
+    ax.fill_between(xs, [100 * p[2] for p in pts], [100 * p[3] for p in pts], alpha=0.2,
+                    color="#b5473a")
+    k = (entry.get("defense") or {}).get("num_classes") or 10
+    ax.axhline(100 / k, color="grey", lw=0.6, ls="--", label="chance")
+    ax.axvline(entry["eps"] * scale, color="grey", lw=0.6, ls=":")
+    ax.set_xlabel("epsilon (x/255)" if entry["threat"] == "linf" else "epsilon (L2)", fontsize=8)
+    ax.set_ylabel("robust accuracy (%)", fontsize=8)
+    ax.set_ylim(-2, 102)
+    ax.set_title(f"security curve: {entry['defense']['label']}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    return fig
+
+
 def entry_figures(entry: dict[str, Any]) -> list[dict[str, Any]]:
     """The defense's own figures (e.g. t-SNE) that still exist: ``[{title, path}]``; relative
     paths are resolved against the entry file's folder.
@@ -187,7 +227,9 @@ def make_plots(entries: list[dict[str, Any]], out_dir: str | Path) -> dict[str, 
             "scatter": save(fig, out_dir / f"{name}__clean_vs_robust")}
         for e in es:
             ename = f"{slug(e['defense']['label'])}__{name}"
-            figs = {"attacks": save(attack_figure(e), out_dir / "entries" / f"{ename}__attacks")}
+            figs = {"attacks": save(attack_figure(e), out_dir / "entries" / f"{ename}__attacks"),
+                    "security": save(security_figure(e, entries),
+                                     out_dir / "entries" / f"{ename}__security")}
             copied = []
             for f in entry_figures(e):
                 dest = out_dir / "entries" / f"{ename}__{slug(f['title'])}{f['path'].suffix}"

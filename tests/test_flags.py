@@ -224,8 +224,17 @@ def test_config_validates_adaptive_and_checks():
     base = {"defenses": ["test_undefended"], "attacks": ["test_pgd"]}
     assert config_from_dict(base).adaptive is True
     assert config_from_dict({**base, "adaptive": {"eot_draws": 4}}).adaptive == {"eot_draws": 4}
+    from bench.core.config import DEFAULT_CHECKS
+
+    # the sanity checks are on by default; an explicit key overrides its default
+    assert config_from_dict(base).checks == DEFAULT_CHECKS
     assert config_from_dict({**base, "checks": {"convergence_subset": 8}}).checks == {
+        **DEFAULT_CHECKS, "convergence_subset": 8}
+    assert config_from_dict({**base, "checks": {"defaults": False,
+                                                "convergence_subset": 8}}).checks == {
         "convergence_subset": 8}
+    with pytest.raises(ConfigError, match="checks.defaults"):
+        config_from_dict({**base, "checks": {"defaults": "no"}})
     with pytest.raises(ConfigError, match="adaptive: unknown option"):
         config_from_dict({**base, "adaptive": {"eot": 3}})
     with pytest.raises(ConfigError, match="adaptive: expected"):

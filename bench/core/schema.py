@@ -137,6 +137,18 @@ FLAG_DOCS: dict[str, tuple[str, str]] = {
     "zero_gradients": ("Zero, NaN or missing input gradients",
                        "gradient masking: use BPDA (identity or surrogate backward) or a "
                        "black-box attack (square)"),
+    "binarization": ("Binarization test failed (attacks too weak for this defense)",
+                     "on a binary task where an adversarial example inside the ball is known to "
+                     "exist, the attack did not find it: add BPDA/EOT or a stronger attack "
+                     "(Zimmermann et al. 2022)"),
+    "unstable_predictions": ("Unstable predictions under small noise",
+                             "the loss varies under tiny random perturbations: use EOT or a "
+                             "smoothed loss (Pintor et al. 2022)"),
+    "iterative_beats_single_step": ("A single-step attack beat the iterative one",
+                                    "the iterative attack is misconfigured or its gradients are "
+                                    "masked: check step size, use BPDA/EOT"),
+    "gradient_free": ("A gradient-free attack beat the gradient attack",
+                      "gradient masking: use BPDA/EOT or report the gradient-free number"),
     "silent_success": ("Attack did not return its best iterate",
                        "return the best iterate (an adversarial iterate was seen but the "
                        "returned point is not adversarial)"),

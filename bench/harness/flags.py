@@ -87,7 +87,13 @@ def large_eps_check(defense, images: torch.Tensor, labels: torch.Tensor, *, n: i
     with torch.no_grad():
         num_classes = int(defense(x[:1]).shape[1])
     clean = score(_NoDetect(defense), x, y, draws=draws, seed=seed).correct
-    attack = create_attack("pgd", threat="linf", steps=steps, seed=seed)
+    st = getattr(defense, "structure", None)
+    if st is not None and (not st.preprocessor_differentiable or st.random):
+        # the gradients the row's adaptive attacks use (BPDA / EOT), not the masked ones
+        attack = create_attack("adaptive", threat="linf", inner="pgd",
+                               inner_options={"steps": steps}, seed=seed)
+    else:
+        attack = create_attack("pgd", threat="linf", steps=steps, seed=seed)
     adv = attack(defense, x, y, eps, seed=seed).adv
     correct = score(_NoDetect(defense), adv, y, draws=draws, seed=seed).correct
     acc = float(correct.float().mean())
@@ -151,9 +157,15 @@ def attack_checks(records: Mapping[str, Any]) -> list[dict]:
     """Checks on one cell's aggregated attack records."""
     flags = []
     silent = records.get("silent_success", 0)
+    recovered = int(records.get("recovered_best_iterates", 0) or 0)
     if silent:
         flags.append(flag("silent_success", f"{silent} samples had an adversarial intermediate "
                           "iterate but the returned point is not adversarial"))
+    elif recovered:  # repaired (the best iterate is stored) but still an attack failure
+        flags.append(flag("silent_success", f"{recovered} samples: the attack returned a "
+                          "non-adversarial point although an intermediate iterate was "
+                          "adversarial; the best iterate was returned instead",
+                          repaired=recovered))
     moving = records.get("loss_still_moving")
     if moving:
         flags.append(flag("non_convergence", f"mean loss rose by {moving:.1%} over the last 20% "
@@ -242,27 +254,9 @@ def convergence_check(defense, spec, threat: str, eps: float, images: torch.Tens
 # -----------------------------------------------------------------------------------------------
 # across cells
 # -----------------------------------------------------------------------------------------------
-#: best known classifier robust accuracy per (dataset, threat): (eps, accuracy) anchors from
-#: EVALUATION.md (RobustBench CIFAR-10 Linf: Standard 94.78 clean; TRADES 53.08 at 8/255).
-#: [reconstruction] Between anchors the reference is interpolated linearly, beyond the last one
-#: it stays at the last value (an over-estimate, so the check only fires when it is safe).
-REFERENCE_ROBUST_ACCURACY: dict[tuple[str, str], list[tuple[float, float]]] = {
-    ("cifar10", "linf"): [(0.0, 0.9478), (8 / 255, 0.5308)],
-}
-
-
-def reference_accuracy(dataset: str, threat: str, eps: float,
-                       table: Mapping | None = None) -> float | None:
-    anchors = (table or REFERENCE_ROBUST_ACCURACY).get((dataset, threat))
-    if not anchors:
-        return None
-    anchors = sorted(anchors)
-    if eps <= anchors[0][0]:
-        return anchors[0][1]
-    for (e0, a0), (e1, a1) in zip(anchors, anchors[1:]):
-        if e0 <= eps <= e1:
-            return a0 + (a1 - a0) * (eps - e0) / (e1 - e0)
-    return anchors[-1][1]
+#: best known classifier robust accuracy per (dataset, threat), with sources: bench/core/anchors.py
+from bench.core.anchors import REFERENCE_ROBUST_ACCURACY as REFERENCE_ROBUST_ACCURACY  # noqa: E402
+from bench.core.anchors import reference_accuracy as reference_accuracy  # noqa: E402
 
 
 def attack_kind(cell) -> str:
@@ -277,6 +271,17 @@ def attack_kind(cell) -> str:
     if name == "square" or (name.startswith("autoattack") and
                             list(conf.get("attacks") or []) == ["square"]):
         return AttackKind.BLACK_BOX.value
+    if name == "wrong_label_latent":
+        return AttackKind.SEMANTIC.value
+    return AttackKind.WHITE_BOX.value
+
+
+def attack_kind_name(name: str) -> str:
+    """white-box / black-box / semantic from a registry name alone (for the per-cell checks)."""
+    if name == "square":
+        return AttackKind.BLACK_BOX.value
+    if name in ("transfer",):
+        return "transfer"
     if name == "wrong_label_latent":
         return AttackKind.SEMANTIC.value
     return AttackKind.WHITE_BOX.value

@@ -29,6 +29,7 @@ from bench.core.hashing import file_sha256, json_sha256
 from bench.core.provenance import base_provenance
 from bench.core.schema import Schedule
 from bench.core.store import SCHEMA_VERSION, ResultStore
+from bench.harness import evidence
 from bench.harness import flags as flagmod
 from bench.harness.planning import CLEAN, CellPlan, create_attack, expand
 from bench.harness.scoring import AttackContractError, Scored, score
@@ -279,9 +280,16 @@ class MatrixRunner:
             defense_flags)
         metrics = {"n_attacked": int(len(subset)), "records": agg}
         if attack is not None:
-            flags += flagmod.convergence_check(defense, plan.attack, plan.threat, plan.eps, x_all,
-                                               y_all, self.store.samples(key), seed=cfg.seed,
-                                               draws=cfg.random_draws, checks=cfg.checks)
+            conv = flagmod.convergence_check(defense, plan.attack, plan.threat, plan.eps, x_all,
+                                             y_all, self.store.samples(key), seed=cfg.seed,
+                                             draws=cfg.random_draws, checks=cfg.checks)
+            flags += conv
+            checks = self._evidence(plan, defense, attack, x_all, y_all, key)
+            flags += evidence.as_flags(checks)
+            checks += evidence.flag_records(plan, cfg.checks, agg, flags, conv,
+                                            flagmod.doubled_spec(plan.attack, plan.threat)
+                                            is not None)
+            metrics["checks"] = checks
             from bench.harness.scoring import detector_summary
 
             det = detector_summary(extras)
@@ -292,6 +300,48 @@ class MatrixRunner:
         self.store.finish_cell(key, flags=flags, metrics=metrics,
                                provenance={**prov_base,
                                            "attack": repr(attack) if attack else CLEAN})
+
+
+    def _evidence(self, plan, defense, attack, x_all, y_all, key: str) -> list[dict]:
+        """The per-row evidence checks (bench/harness/evidence.py) on bounded subsamples of the
+        cell's clean-correct points (sizes from ``checks``; defaults in DEFAULT_CHECKS)."""
+        cfg, chk = self.cfg, self.cfg.checks
+        rows = [r for r in sorted(self.store.samples(key), key=lambda r: r["idx"])
+                if r["clean_correct"] and not r["clean_flagged"]]
+        if not rows:
+            return []
+
+        def subset(n: int):
+            picked = rows[:n]
+            self._subset_ids = [r["idx"] for r in picked]
+            idx = torch.tensor([r["idx"] for r in picked])
+            robust = torch.tensor([bool(r["robust"]) for r in picked])
+            return x_all[idx.to(x_all.device)], y_all[idx.to(y_all.device)], robust
+
+        out: list[dict] = []
+        kind = flagmod.attack_kind_name(plan.attack.name)
+        if list(plan.attack.options.get("attacks") or []) == ["square"]:
+            kind = "black-box"
+        nb = int(chk.get("binarization_subset", 0) or 0)
+        if nb > 0 and not attack.minimal_norm:
+            x, y, _ = subset(nb)
+            out.append(evidence.binarization_test(
+                defense, attack, plan.threat, plan.eps, x, y, n=nb, seed=cfg.seed,
+                min_pass_rate=float(chk.get("binarization_min_pass", 0.9))))
+        ns = int(chk.get("stability_subset", 0) or 0)
+        if ns > 0:
+            x, y, _ = subset(ns)
+            out.append(evidence.unstable_predictions(
+                defense, x, y, plan.threat, plan.eps, seed=cfg.seed,
+                tol=float(chk.get("stability_tol", 0.1))))
+        nq = int(chk.get("sanity_subset", 0) or 0)
+        if nq > 0 and kind == "white-box":
+            x, y, robust = subset(nq)
+            ids = list(self._subset_ids)
+            for fn in (evidence.single_step_check, evidence.gradient_free_check):
+                out.append({**fn(defense, plan.threat, plan.eps, x, y, robust, seed=cfg.seed,
+                                 draws=cfg.random_draws), "idx": ids})
+        return out
 
 
 def _fault_injection(batches_done: int) -> None:

@@ -47,7 +47,8 @@ class Metadata:
 #: attack suites: what ``--suite`` runs against every submission. The runner adds the adaptive
 #: forms the defense's declared structure calls for (BPDA, EOT, detector-aware, transfer, Square,
 #: AutoAttack ``rand``; ``bench/harness/adaptive_policy.py``) with the suite's ``adaptive``
-#: options, and runs the suite's optional reliability ``checks`` (``bench/harness/flags.py``).
+#: options, and runs the suite's reliability ``checks`` on top of DEFAULT_CHECKS
+#: (docs/checklist.md).
 SUITES: dict[str, dict[str, Any]] = {
     # seconds on test_tiny; for the test-suite and trying the command out
     "test": {"attacks": [{"name": "test_pgd"}],

@@ -1,0 +1,138 @@
+"""The per-row evaluation checklist (docs/checklist.md): every automated check on a leaderboard
+row as ``pass`` / ``fail`` / ``n/a`` with what it saw.
+
+Inputs are what the store already holds: the row's flags (cell + matrix + contract flags, codes
+in :data:`bench.core.schema.FLAG_DOCS`) and the check records the runner stored in each attack
+cell's ``metrics["checks"]`` (:mod:`bench.harness.evidence`). Nothing here re-runs an attack.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+PASS, FAIL, NA = "pass", "fail", "n/a"
+
+#: (key, short code for the Markdown column, title, flag codes that fail it, check-record codes)
+ITEMS: tuple[tuple[str, str, str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("binarization", "BIN", "Binarization test (Zimmermann et al. 2022)", (),
+     ("binarization",)),
+    ("silent_success", "SIL", "Indicator: silent success", ("silent_success",),
+     ("silent_success",)),
+    ("incomplete_optimization", "OPT", "Indicator: incomplete optimization (loss trace)",
+     ("non_convergence",), ("loss_trace",)),
+    ("transfer_failure", "TRF", "Indicator: transfer failure (BPDA surrogate)",
+     ("surrogate_transfer_failure",), ("transfer_failure",)),
+    ("unavailable_gradients", "GRD", "Indicator: unavailable gradients", (), ("gradients",)),
+    ("unstable_predictions", "UNS", "Indicator: unstable predictions",
+     ("unstable_predictions",), ("unstable_predictions",)),
+    ("unconstrained_failure", "UNC", "Indicator: unconstrained attack failure",
+     ("unbounded_attack_fails",), ("unconstrained_attack",)),
+    ("more_iterations", "DBL", "Sanity: doubling the iterations changes nothing", (),
+     ("doubled_iterations",)),
+    ("large_eps", "BIG", "Sanity: accuracy at chance at a large epsilon",
+     ("above_chance_large_eps",), ("large_eps",)),
+    ("eps_monotone", "MON", "Sanity: accuracy falls with epsilon", ("non_monotone_eps",),
+     ("eps_sweep",)),
+    ("single_step", "FGS", "Sanity: iterative attack at least as strong as single-step",
+     ("iterative_beats_single_step",), ("iterative_beats_single_step",)),
+    ("gradient_free", "GFR", "Sanity: a gradient-free attack does not beat the gradient ones",
+     ("gradient_free", "blackbox_beats_whitebox"), ("gradient_free",)),
+    ("implausible_detector", "DET", "Detector plausibility (Tramer 2021)",
+     ("implausible_detector",), ("detector_plausibility",)),
+)
+_CLAIMED = {c for item in ITEMS for c in item[3]} | {"zero_gradients"}  # GRD reads records
+OTHER = ("other_flags", "FLG", "Other reliability flags")
+
+
+def _merge(code: str, records: list[dict[str, Any]]) -> tuple[str, str]:
+    """Fold several cells' records of one check: any fail fails; binarization is pooled."""
+    if not records:
+        return NA, "not run"
+    fails = [r for r in records if r["status"] == FAIL]
+    passes = [r for r in records if r["status"] == PASS]
+    if code == "binarization":
+        return _binarization(records)
+    if fails:
+        return FAIL, "; ".join(f"{r.get('attack', '')}: {r['seen']}".lstrip(": ")
+                               for r in fails[:3])
+    if passes:
+        return PASS, "; ".join(f"{r.get('attack', '')}: {r['seen']}".lstrip(": ")
+                               for r in passes[:2])
+    return NA, records[0]["seen"]
+
+
+def binarization_rates(records: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """Per attack of the row: its own binarization pass rate."""
+    return {str(r.get("attack")): float(r["pass_rate"]) for r in records
+            if r.get("code") == "binarization" and r.get("pass_rate") is not None}
+
+
+def _binarization(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """The row's attack SUITE passes a point when any of its attacks found the adversarial
+    (the cells share the subsample and the seeded binary tasks); fail below the threshold."""
+    ran = [r for r in records if r["status"] in (PASS, FAIL) and r.get("points") is not None]
+    if not ran:
+        return (NA, records[0]["seen"]) if records else (NA, "not run")
+    length = max(len(r["points"]) for r in ran)
+    union = [None] * length
+    for r in ran:
+        for i, p in enumerate(r["points"]):
+            if p is not None:
+                union[i] = bool(union[i]) or bool(p)
+    valid = [p for p in union if p is not None]
+    if not valid:
+        return NA, "no valid binary task"
+    rate = sum(valid) / len(valid)
+    need = min(float(r.get("min_pass_rate", 0.9)) for r in ran)
+    per = ", ".join(f"{r.get('attack', '?')} {r['pass_rate']:.0%}" for r in ran)
+    return (PASS if rate >= need else FAIL,
+            f"suite pass rate {rate:.0%} on {len(valid)} valid binary tasks ({per}; "
+            f"threshold {need:.0%})")
+
+
+def build_checklist(flags: Iterable[Mapping[str, Any]],
+                    records: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One ``{check, short, title, status, seen}`` per :data:`ITEMS` entry, plus the other
+    flags. ``records``: the row's check records, each with the ``attack`` label added."""
+    flags, records = list(flags), [dict(r) for r in records]
+    out = []
+    for key, short, title, flag_codes, rec_codes in ITEMS:
+        hit = [f for f in flags if f.get("code") in flag_codes]
+        recs = [r for r in records if r.get("code") in rec_codes]
+        if key == "binarization":
+            status, seen = _binarization(recs)
+        elif key == "unavailable_gradients" and any(r.get("bpda") for r in recs):
+            status = PASS
+            seen = next(f"{r.get('attack')}: {r['seen']}" for r in recs if r.get("bpda"))
+        elif hit:
+            status = FAIL
+            seen = "; ".join(str(f.get("seen", "")) for f in hit[:3])
+        else:
+            status, seen = _merge(key, recs)
+        if hit and status != FAIL:
+            status, seen = FAIL, "; ".join(str(f.get("seen", "")) for f in hit[:3])
+        out.append({"check": key, "short": short, "title": title, "status": status,
+                    "seen": seen})
+        if key == "binarization":
+            out[-1]["pass_rates"] = binarization_rates(recs)
+    other = [f for f in flags if f.get("code") not in _CLAIMED]
+    out.append({"check": OTHER[0], "short": OTHER[1], "title": OTHER[2],
+                "status": FAIL if other else PASS,
+                "seen": ", ".join(dict.fromkeys(str(f.get("code")) for f in other)) or "none"})
+    return out
+
+
+def compact(checklist: list[Mapping[str, Any]] | None) -> str:
+    """The Markdown column: ``✓11 ✗2 –1 (✗ BIN, UNS)``; ``-`` when there is no checklist."""
+    if not checklist:
+        return "-"
+    n = {s: [c["short"] for c in checklist if c["status"] == s] for s in (PASS, FAIL, NA)}
+    text = f"✓{len(n[PASS])} ✗{len(n[FAIL])} –{len(n[NA])}"
+    return text + (f" (✗ {', '.join(n[FAIL])})" if n[FAIL] else "")
+
+
+def legend() -> str:
+    """The legend printed under a Markdown board."""
+    parts = [f"{short} {title}" for _, short, title, _, _ in ITEMS] + [f"{OTHER[1]} {OTHER[2]}"]
+    return ("Checklist: ✓ passed, ✗ failed, – not applicable (docs/checklist.md). "
+            + "; ".join(parts) + ".")
