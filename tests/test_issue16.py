@@ -122,7 +122,8 @@ def test_publish_copies_no_file_from_outside_the_entry_folder(tmp_path, capsys):
     with pytest.warns(UserWarning, match="not an image inside the entry's folder"):
         assert main(["publish", "--entries", str(folder), "--out", str(out),
                      "--format", "md,html"]) == 0
-    copied = [p for p in (out / "plots" / "entries").iterdir() if "__attacks" not in p.name]
+    copied = [p for p in (out / "plots" / "entries").iterdir()
+              if "__attacks" not in p.name and "__security" not in p.name]
     assert [p.name.rsplit("__", 1)[-1] for p in copied] == ["ok.png"]
     assert all(b"root:" not in p.read_bytes() for p in (out / "plots").rglob("*") if p.is_file())
 
