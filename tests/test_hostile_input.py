@@ -517,3 +517,17 @@ def test_a_comma_in_an_unquoted_flow_mapping_value_is_named(tmp_path):
                     "defenses:\n  - {name: test_pgd_at, label: a (b, c)}\nattacks: [test_pgd]\n")
     with pytest.raises(ConfigError, match="quote values that contain commas"):
         load_config(str(path))
+
+
+def test_n_flag_overrides_a_per_dataset_n(tmp_path):
+    """`robustmatrix run CONFIG --n 10` evaluates 10 images even where the config sets a
+    per-dataset n (issue 16 case 10: `run quick --n 40` ran the preset's n)."""
+    import json
+
+    path = tmp_path / "m.yaml"
+    path.write_text("name: t\ndatasets: [{name: test_tiny, n: 30}]\ndefenses: [test_undefended]\n"
+                    "attacks: [test_pgd]\nbatch_size: 10\n")
+    run_dir = tmp_path / "run"
+    assert main(["run", str(path), "--n", "10", "--run-dir", str(run_dir)]) == 0
+    records = json.loads((run_dir / "leaderboard" / "leaderboard.json").read_text())
+    assert records and all(r["n"] == 10 for r in records)

@@ -107,6 +107,10 @@ def run(args: argparse.Namespace) -> int:
     if not isinstance(raw, dict):
         raw = {"__invalid__": raw}
     raw.update(_overrides(args))
+    if getattr(args, "n", None) is not None and isinstance(raw.get("datasets"), list):
+        # --n overrides a preset's per-dataset n too (flags beat presets)
+        raw["datasets"] = [{k: v for k, v in d.items() if k != "n"} if isinstance(d, dict) else d
+                           for d in raw["datasets"]]
     if args.data_root:
         ds = raw.get("datasets", ["cifar10"])
         ds = [ds] if isinstance(ds, str) else ds
