@@ -336,3 +336,60 @@ def test_resumed_fit_ends_with_the_same_weights(data, classifier, tmp_path, monk
     assert resumed.history[0]["recon"] == 123.0 and len(resumed.history) == 2
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a.float(), b.float(), atol=1e-6, equal_nan=True), k
+
+
+def test_calibration_images_lie_outside_every_evaluation_draw():
+    """calibration_source='test_unused': no image the harness evaluates at a listed n (seed 0)
+    is a calibration image, and the draw is class-balanced."""
+    from bench.data import balanced_indices, load_split
+    from defenses.aae_detector import unused_test_indices
+
+    test = load_split("test_tiny", "test")
+    sizes = (10, 20, 40, 100, 120)
+    pick, excluded = unused_test_indices(test.labels, 10, 200, seed=3, sizes=sizes)
+    assert len(pick) == 200 and len(set(pick.tolist())) == 200
+    chosen = set(pick.tolist())
+    covered = set()
+    for n in sizes:
+        drawn = set(balanced_indices(test.labels, n, 10, 0).tolist())
+        assert not drawn & chosen, n
+        covered |= drawn
+    assert excluded == len(covered)
+    assert torch.bincount(test.labels[pick], minlength=10).tolist() == [20] * 10
+
+
+def test_every_preset_evaluation_size_is_excluded_from_calibration():
+    """The presets' per-dataset n (below the whole split) are in EVALUATION_SIZES, so the
+    shipped detector's calibration images are never evaluated by a preset."""
+    from pathlib import Path
+
+    import yaml
+
+    from defenses.aae_detector import EVALUATION_SIZES
+
+    presets = Path(__file__).resolve().parent.parent / "bench" / "presets"
+    seen = []
+    for path in sorted(presets.glob("*.yaml")):
+        cfg = yaml.safe_load(path.read_text())
+        for ds in cfg.get("datasets", []):
+            n = ds.get("n", cfg.get("n")) if isinstance(ds, dict) else cfg.get("n")
+            if n is not None and n < 3000:  # the full preset evaluates whole splits
+                seen.append((path.name, n))
+                assert n in EVALUATION_SIZES, (path.name, n)
+    assert len(seen) >= 5
+
+
+def test_test_unused_calibration_realises_the_configured_rate_on_those_images(
+        data, classifier, monkeypatch):
+    import defenses.aae_detector as aae
+
+    train, _ = data
+    d = DEFENSES.create("test_aae_detector", classifier=classifier, epochs=1,
+                        calibration_source="test_unused", calibration_images=100)
+    monkeypatch.setattr(aae, "EVALUATION_SIZES", (10, 20, 40))  # test_tiny has 500 test images
+    d.fit(train, progress=False)
+    cal = d.calibration
+    assert cal["source"] == "test_unused" and cal["held_out"] == 100
+    assert 0.03 <= cal["calibration_fpr"] <= 0.07
+    with pytest.raises(ValueError, match="calibration_source"):
+        DEFENSES.create("test_aae_detector", classifier=classifier, calibration_source="val")
