@@ -295,6 +295,18 @@ def _report_kind(defense: Any) -> str | None:
     return None
 
 
+def _default_linf_eps(data: Any) -> float:
+    """The Linf budget the reports attack at: the dataset's default (8/255 on CIFAR-10, 4/255
+    on ImageNet-10 at 64 px), 8/255 when the dataset is unknown."""
+    from bench.data import dataset_info
+
+    try:
+        info = dataset_info(data.dataset, resolution=getattr(data, "resolution", None))
+        return float(info.default_eps["linf"])
+    except (LookupError, ValueError, AttributeError):  # a dataset without defaults
+        return 8 / 255
+
+
 def has_report(defense: Any) -> bool:
     """The defense has a ``fit --report`` (semantic_ae, plain_ae, aae_detector, srd)."""
     return _report_kind(defense) is not None
@@ -323,14 +335,19 @@ def fit_report(defense: Any, data: Any, out: Any, *, twin: Any = None) -> dict[s
       per chosen cluster), and the fit's clustering figures when this process fitted it.
     """
     kind = _report_kind(defense)
+    eps = _default_linf_eps(data)
     if kind == "autoencoder":
         rep = semantic_ae_report(defense, data, plain=twin,
                                  figure_path=Path(out) / "tsne_latents")
+        rep["purification"] = purification_report(defense, data)
+        if twin is not None:
+            rep["plain_purification"] = purification_report(twin, data)
         if defense.label_conditioned:
-            rep["wrong_label_attack"] = wrong_label_attack_report(defense, data, out, twin=twin)
+            rep["wrong_label_attack"] = wrong_label_attack_report(defense, data, out, twin=twin,
+                                                                  eps=eps)
         return rep
     if kind == "detector":
-        return detector_report(defense, data, figure_path=Path(out) / "tsne_codes")
+        return detector_report(defense, data, figure_path=Path(out) / "tsne_codes", eps=eps)
     if kind == "purifier":
         rep = purification_report(defense, data)
         p = defense.purifier
