@@ -58,6 +58,35 @@ def _eps(threat: str, eps: float) -> str:
     return f"Linf {eps * 255:.3g}/255" if threat == "linf" else f"{threat.upper()} {eps:.3g}"
 
 
+def _history_section(history: list[Any]) -> list[str]:
+    """The per-epoch training history as a table: the adversarial-training columns when the
+    entries have them, else one column per recorded value (e.g. an autoencoder's MSE)."""
+    if not history:
+        return []
+    if all(isinstance(r, dict) and "epoch" in r and "loss" in r for r in history):
+        lines = ["## Training history (held-out train images, PGD-10, fp32)", "",
+                 "| epoch | loss | adv. train acc | held-out clean | held-out PGD | s |",
+                 "|---|---|---|---|---|---|"]
+        for r in history:
+            mark = " (selected)" if r.get("selected") else ""
+            lines.append(f"| {r['epoch']}{mark} | {r['loss']:.3f} | "
+                         f"{r.get('adv_train_accuracy', float('nan')):.3f} | "
+                         f"{r.get('val_clean', float('nan')):.3f} | "
+                         f"{r.get('val_pgd', float('nan')):.3f} | {r.get('seconds', 0):.0f} |")
+        return lines + [""]
+    rows = [r if isinstance(r, dict) else {"value": r} for r in history]
+    keys = [k for k in rows[0] if isinstance(rows[0][k], (int, float))]
+
+    def fmt(v: Any) -> str:
+        return f"{v:.5g}" if isinstance(v, float) else str(v)
+
+    lines = ["## Training history (per epoch, training loss terms)", "",
+             "| epoch | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for i, r in enumerate(rows, 1):
+        lines.append(f"| {i} | " + " | ".join(fmt(r.get(k, "")) for k in keys) + " |")
+    return lines + [""]
+
+
 def render_card(*, name: str, dataset: str, resolution: Any, preset: str, sha256: str,
                 meta: dict[str, str], fit_info: dict[str, Any] | None,
                 measured: list[dict[str, Any]], source_runs: list[str]) -> str:
@@ -66,35 +95,43 @@ def render_card(*, name: str, dataset: str, resolution: Any, preset: str, sha256
     settings = fit_info.get("settings", config.get("settings", {}))
     lines = [f"# Model card: `{name}` on {dataset}"
              + (f" at {resolution} px" if resolution else "") + f" (`{preset}` scale)", ""]
+    seconds = fit_info.get("seconds", 0)
+    if isinstance(seconds, dict):  # per stage (e.g. SRD): the total, then the stages
+        parts = ", ".join(f"{k} {float(v) / 60:.1f}" for k, v in seconds.items()
+                          if isinstance(v, (int, float)))
+        wall = (f"{sum(float(v) for v in seconds.values() if isinstance(v, (int, float))) / 60:.1f}"
+                f" min ({parts})")
+    else:
+        wall = f"{float(seconds or 0) / 60:.1f} min"
     lines += ["| | |", "|---|---|",
               f"| file | `{shipped_filename(name, dataset, resolution, preset)}` |",
               f"| sha256 | `{sha256}` |",
-              f"| architecture | {config.get('arch', '?')} |",
-              f"| method | {config.get('method', name)} |",
-              f"| threat model trained for | Linf eps = "
-              f"{float(config.get('eps', 0)) * 255:.3g}/255 |",
-              f"| initialisation | {fit_info.get('init') or config.get('init') or 'scratch'} |",
+              f"| architecture | {config.get('arch') or config.get('latent') or '?'} |",
+              f"| method | {config.get('method', name)} |"]
+    if "eps" in config:
+        lines.append(f"| threat model trained for | Linf eps = "
+                     f"{float(config.get('eps') or 0) * 255:.3g}/255 |")
+    if config.get("classifier"):
+        lines.append(f"| classifier | {config['classifier']} (sha256 "
+                     f"`{str(config.get('classifier_sha256', '?'))[:16]}`) |")
+    lines += [f"| initialisation | {fit_info.get('init') or config.get('init') or 'scratch'} |",
               f"| training data | {dataset} train split, {fit_info.get('train_images', '?')} "
-              f"images (+{settings.get('val_images', 0)} held out for the per-epoch check); "
-              f"fingerprint `{meta.get('train_fingerprint', '?')[:16]}` |",
-              f"| wall time | {float(fit_info.get('seconds', 0)) / 60:.1f} min |",
-              f"| selected epoch | {fit_info.get('selected_epoch', '?')} of "
-              f"{settings.get('epochs', '?')} (best held-out PGD accuracy) |",
-              f"| code version | {fit_info.get('code_version', 'unknown')} |", ""]
-    lines += ["## Recipe", "", "```json", json.dumps(settings, indent=1, sort_keys=True,
-                                                       default=str), "```", ""]
-    history = fit_info.get("history") or []
-    if history:
-        lines += ["## Training history (held-out train images, PGD-10, fp32)", "",
-                  "| epoch | loss | adv. train acc | held-out clean | held-out PGD | s |",
-                  "|---|---|---|---|---|---|"]
-        for r in history:
-            mark = " (selected)" if r.get("selected") else ""
-            lines.append(f"| {r['epoch']}{mark} | {r['loss']:.3f} | "
-                         f"{r.get('adv_train_accuracy', float('nan')):.3f} | "
-                         f"{r.get('val_clean', float('nan')):.3f} | "
-                         f"{r.get('val_pgd', float('nan')):.3f} | {r.get('seconds', 0):.0f} |")
-        lines.append("")
+              f"images"
+              + (f" (+{settings['val_images']} held out for the per-epoch check)"
+                 if settings.get("val_images") else "")
+              + f"; fingerprint `{meta.get('train_fingerprint', '?')[:16]}` |",
+              f"| wall time | {wall} |"]
+    if "selected_epoch" in fit_info:
+        lines.append(f"| selected epoch | {fit_info['selected_epoch']} of "
+                     f"{settings.get('epochs', '?')} (best held-out PGD accuracy) |")
+    if fit_info.get("calibration"):
+        cal = json.dumps(fit_info["calibration"], sort_keys=True, default=str)
+        lines.append(f"| detector calibration | `{cal}` |")
+    lines += [f"| code version | {fit_info.get('code_version', 'unknown')} |", ""]
+    recipe = settings or {k: config[k] for k in ("epochs", "lr", "batch_size") if k in config}
+    lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=1, sort_keys=True,
+                                                     default=str), "```", ""]
+    lines += _history_section(fit_info.get("history") or [])
     lines += measured_section(measured, source_runs)
     return "\n".join(lines) + "\n"
 

@@ -273,3 +273,29 @@ def test_presets_use_the_shipped_adversarially_trained_artifacts(preset):
             assert match is not None, (preset, ds.name, spec.name)
             checked += 1
     assert checked >= 1
+
+
+def test_model_card_renders_the_fit_info_of_every_trainable_defense_kind():
+    """Autoencoder histories (floats), detector histories (dicts of loss terms) and per-stage
+    seconds (SRD) render as tables, not a crash at `fit --ship`."""
+    import json
+
+    from bench.model_card import render_card
+
+    meta = {"config": json.dumps({"latent": "spatial", "classifier": "akamaster-resnet20",
+                                  "classifier_sha256": "ab" * 32, "epochs": 2})}
+    ae = render_card(name="semantic_ae", dataset="cifar10", resolution=None, preset="standard",
+                     sha256="0" * 64, meta=meta, measured=[], source_runs=[],
+                     fit_info={"seconds": 120.0, "history": [0.01, 0.005], "train_images": 9})
+    assert "| 2 | 0.005 |" in ae and "2.0 min" in ae and "akamaster-resnet20" in ae
+    aae = render_card(name="aae_detector", dataset="cifar10", resolution=None,
+                      preset="standard", sha256="0" * 64, meta=meta, measured=[],
+                      source_runs=[],
+                      fit_info={"seconds": 60.0, "calibration": {"fpr": 0.05},
+                                "history": [{"recon": 0.004, "d_acc": 0.9}]})
+    assert "| epoch | recon | d_acc |" in aae and "| 1 | 0.004 | 0.9 |" in aae
+    assert '"fpr": 0.05' in aae
+    srd = render_card(name="srd", dataset="cifar10", resolution=None, preset="quick",
+                      sha256="0" * 64, meta=meta, measured=[], source_runs=[],
+                      fit_info={"seconds": {"robust": 60.0, "dictionaries": 30.0}})
+    assert "1.5 min (robust 1.0, dictionaries 0.5)" in srd
