@@ -135,6 +135,14 @@ SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
     ("pgd_at", "imagenet10", 64, "standard"): Shipped(
         "pgd_at-imagenet10-64px-standard.safetensors",
         "709edddc06ac07bbb4169ca15cfb306972bf3a35a4f0c28fb1f772359e1d8f75"),
+    ("plain_ae", "cifar10", None, "standard"): Shipped(
+        "plain_ae-cifar10-standard.safetensors",
+        "a947a6e50ae49c1674171183a3cd56f6e16551fcec766a90d435a4689f583328"),
+    # the quick-scale SRD (issue 14 ships the standard one): `robustmatrix run defenses` on a
+    # fresh clone fits nothing
+    ("srd", "cifar10", None, "quick"): Shipped(
+        "srd-cifar10-quick.safetensors",
+        "0012c97a69d35899748c7bc892b9f55909cd4b218dc8724997df74e761469aef"),
 }
 
 
