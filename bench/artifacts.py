@@ -135,6 +135,9 @@ SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
     ("pgd_at", "imagenet10", 64, "standard"): Shipped(
         "pgd_at-imagenet10-64px-standard.safetensors",
         "709edddc06ac07bbb4169ca15cfb306972bf3a35a4f0c28fb1f772359e1d8f75"),
+    ("semantic_ae", "cifar10", None, "standard"): Shipped(
+        "semantic_ae-cifar10-standard.safetensors",
+        "ba57d9a6416872fab580ea23bfbe79f4fd79ea99b71b904b6bbd215accff1db5"),
     ("plain_ae", "cifar10", None, "standard"): Shipped(
         "plain_ae-cifar10-standard.safetensors",
         "a947a6e50ae49c1674171183a3cd56f6e16551fcec766a90d435a4689f583328"),
