@@ -138,6 +138,9 @@ SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
     ("semantic_ae", "cifar10", None, "standard"): Shipped(
         "semantic_ae-cifar10-standard.safetensors",
         "ba57d9a6416872fab580ea23bfbe79f4fd79ea99b71b904b6bbd215accff1db5"),
+    ("aae_detector", "cifar10", None, "standard"): Shipped(
+        "aae_detector-cifar10-standard.safetensors",
+        "626479a7dadf3853373943662ac0be1fe72e3e5449980981aa30b50475ca6f46"),
     ("plain_ae", "cifar10", None, "standard"): Shipped(
         "plain_ae-cifar10-standard.safetensors",
         "a947a6e50ae49c1674171183a3cd56f6e16551fcec766a90d435a4689f583328"),

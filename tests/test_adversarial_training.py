@@ -248,11 +248,12 @@ def test_fit_ship_writes_the_artifact_and_a_model_card(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["quick", "defenses", "standard", "standard_imagenet10",
-                                    "standard_autoattack"])
+                                    "standard_autoattack", "standard_autoencoders"])
 def test_presets_use_the_shipped_adversarially_trained_artifacts(preset):
-    """A fresh clone's `robustmatrix run quick|defenses|standard*` fits nothing for pgd_at and
-    spat: every such entry of the preset resolves to a pinned shipped artifact (shipped_artifact
-    checks the file's sha256) with exactly the options it was trained with."""
+    """A fresh clone's `robustmatrix run quick|defenses|standard*` fits nothing: every trainable
+    entry of the preset (pgd_at and spat at the standard scale, the autoencoders, srd)
+    resolves to a pinned shipped artifact (shipped_artifact checks the file's sha256) with
+    exactly the options it was trained with."""
     from bench.artifacts import construct_defense, shipped_artifact
     from bench.core.config import load_config
 
@@ -260,11 +261,12 @@ def test_presets_use_the_shipped_adversarially_trained_artifacts(preset):
     checked = 0
     for ds in cfg.datasets:
         for spec in cfg.defenses:
-            if spec.name not in ("pgd_at", "spat"):
+            if spec.name == "undefended":
                 continue
             options = dict(spec.options)
             fit_preset = str(options.pop("preset", cfg.fit_preset))
-            assert fit_preset == "standard", (preset, spec)
+            if spec.name in ("pgd_at", "spat"):
+                assert fit_preset == "standard", (preset, spec)
             defense = construct_defense(spec.name, options, dataset=ds.name,
                                         dataset_options=ds.options, preset=fit_preset)
             match = shipped_artifact(defense, spec.name, dataset=ds.name,
