@@ -515,7 +515,7 @@ class AAEDetectorDefense(Defense):
                  r1_penalty: float = 1.0, batch_size: int = 128, seed: int = 0,
                  train_limit: int | None = None,
                  calibration_fraction: float = 0.1, calibration_source: str = "test_unused",
-                 calibration_images: int = 1000, architecture: str = "conv",
+                 calibration_images: int = 3000, architecture: str = "conv",
                  code_channels: int = 8, train_noise: float = 0.025,
                  temperature: float = 10.0,
                  preset: str | None = None) -> None:
@@ -626,6 +626,29 @@ class AAEDetectorDefense(Defense):
                                    "calibration_ids_sha256": _ids_sha256(
                                        [test.sample_ids[int(i)] for i in pick])}
 
+    def recalibrate(self, train: Any = None) -> dict[str, Any]:
+        """Set the threshold on the configured ``calibration_source`` (``train``: the train
+        split's held-out part, so ``train`` is needed) and return :attr:`calibration`. It
+        changes only the threshold buffers, never the AE: ``fit`` ends with it, and a trained
+        AE can be recalibrated (e.g. with more ``calibration_images``) without retraining."""
+        if self.knobs["calibration_source"] == "test_unused":
+            held_images, held_info = self.unused_test_images()
+        else:
+            if train is None:
+                raise ValueError("calibration_source='train' recalibrates on the train split's "
+                                 "held-out part: pass the train split")
+            images, labels = _check_train(train, self.image_shape, self.num_classes)
+            _, held_idx = self.split_calibration(labels)
+            held_images = images[held_idx]
+            held_info = {"source": "train", "fraction": self.knobs["calibration_fraction"]}
+        self.eval()
+        detector: AAEDetector = self.detector  # type: ignore[assignment]
+        realised = detector.calibrate(held_images, self.knobs["fpr"])
+        self.calibration = {"fpr": self.knobs["fpr"], "held_out": int(len(held_images)),
+                            **held_info, "calibration_fpr": realised,
+                            "component_fpr": float(detector.component_fpr)}
+        return self.calibration
+
     def fit(self, train: Any, *, preset: str = "quick", device: str | torch.device = "cpu",
             progress: bool = True, checkpoint: Any = None) -> "AAEDetectorDefense":
         """Train the AAE on the train split minus a held-out part; calibrate on that part.
@@ -636,13 +659,11 @@ class AAEDetectorDefense(Defense):
         epochs = self.epochs_for(preset)
         images, labels = _check_train(train, self.image_shape, self.num_classes)
         if self.knobs["calibration_source"] == "test_unused":
-            held_images, held_info = self.unused_test_images()
             train_idx = torch.arange(len(labels))
-            held_idx = torch.arange(len(held_images))
+            # fail before training, not after, when the unused test images are too few
+            held_idx = torch.arange(len(self.unused_test_images()[0]))
         else:
             train_idx, held_idx = self.split_calibration(labels)
-            held_images = images[held_idx]
-            held_info = {"source": "train", "fraction": self.knobs["calibration_fraction"]}
         if len(held_idx) < 20:
             raise ValueError(f"only {len(held_idx)} held-out images to calibrate the threshold: "
                              f"give more training images or a larger calibration_fraction")
@@ -664,13 +685,8 @@ class AAEDetectorDefense(Defense):
             batch_size=self.knobs["batch_size"], train_noise=self.knobs["train_noise"],
             seed=self.knobs["seed"], device=device, progress=progress, checkpoint=checkpoint,
             fingerprint=fingerprint)
-        self.eval()
-        detector: AAEDetector = self.detector  # type: ignore[assignment]
-        realised = detector.calibrate(held_images, self.knobs["fpr"])
+        self.recalibrate(train)
         self.train_seconds = time.perf_counter() - start
-        self.calibration = {"fpr": self.knobs["fpr"], "held_out": int(len(held_idx)), **held_info,
-                            "calibration_fpr": realised,
-                            "component_fpr": float(detector.component_fpr)}
         self.fit_info = {"preset": preset, "epochs": epochs, "train_images": int(len(fit_idx)),
                          "seconds": self.train_seconds, "calibration": self.calibration,
                          "history": self.history}

@@ -385,7 +385,7 @@ def test_test_unused_calibration_realises_the_configured_rate_on_those_images(
 
     train, _ = data
     d = DEFENSES.create("test_aae_detector", classifier=classifier, epochs=1,
-                        calibration_source="test_unused", calibration_images=100)
+                        calibration_source="test_unused", calibration_images=100)  # 3000 by default
     monkeypatch.setattr(aae, "EVALUATION_SIZES", (10, 20, 40))  # test_tiny has 500 test images
     d.fit(train, progress=False)
     cal = d.calibration
@@ -393,3 +393,17 @@ def test_test_unused_calibration_realises_the_configured_rate_on_those_images(
     assert 0.03 <= cal["calibration_fpr"] <= 0.07
     with pytest.raises(ValueError, match="calibration_source"):
         DEFENSES.create("test_aae_detector", classifier=classifier, calibration_source="val")
+
+
+def test_recalibration_changes_only_the_threshold(fitted, data):
+    d, _ = fitted
+    train, test = data
+    before = {k: v.clone() for k, v in d.aae.state_dict().items()}
+    d.knobs["fpr"] = 0.2
+    try:
+        cal = d.recalibrate(train)
+        assert abs(cal["calibration_fpr"] - 0.2) <= 0.03
+        assert all(torch.equal(before[k], v) for k, v in d.aae.state_dict().items())
+    finally:
+        d.knobs["fpr"] = TINY.get("fpr", 0.05)
+        d.recalibrate(train)
