@@ -266,9 +266,23 @@ def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
 
 
 def resolve_device(device: str) -> str:
+    """``auto`` -> cuda or cpu; a device this machine does not have is a one-line error."""
+    import re
+
+    from bench.core.config import ConfigError
+
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?|mps", device):
+        raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu "
-                         "or auto")
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this "
+                          "machine; use --device cpu or auto")
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                          "device(s); use --device cuda:0 or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None)
+                                and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu "
+                          "or auto")
     return device

@@ -173,3 +173,148 @@ def test_verify_refuses_a_negative_rerun(tmp_path, capsys):
     folder = _entries_dir(tmp_path)
     assert main(["verify", str(next(folder.glob("*.json"))), "--rerun", "-5"]) == 2
     assert "--rerun -5" in _last_line(capsys)
+
+
+# case 9: bounded input -----------------------------------------------------------------------
+@pytest.fixture
+def alarm():
+    """A hang (a FIFO opened for reading, /dev/zero read to the end) fails the test instead of
+    hanging it."""
+    def on_alarm(*_):
+        raise TimeoutError("the command hung on its input")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+def test_configs_are_read_only_from_regular_files_of_bounded_size(tmp_path, capsys, alarm):
+    fifo = tmp_path / "config.yaml"
+    os.mkfifo(fifo)
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"# " + b"x" * (2 << 20) + b"\nname: big\n")
+    for path, words in [("/dev/zero", "is a device"), (str(fifo), "is a FIFO"),
+                        (str(tmp_path), "is a folder"), (str(big), "more than a config")]:
+        t0 = time.monotonic()
+        assert main(["run", path, "--run-dir", str(tmp_path / "r")]) == 2
+        assert time.monotonic() - t0 < 10
+        line = _last_line(capsys)
+        assert words in line and line.startswith("robustmatrix: error:"), line
+    assert not (tmp_path / "r").exists()
+
+
+SMALL = ("name: t\ndatasets: [{name: test_tiny, n: 10}]\ndefenses: [test_undefended]\n"
+         "device: cpu\nbatch_size: 10\nfit_preset: tiny\n")
+
+
+@pytest.mark.parametrize("attack, words", [
+    ("{name: test_pgd, steps: 1000000000000}", "steps: must be between 1 and 100000"),
+    ("{name: pgd, steps: -5}", "steps: must be between 1 and 100000, got -5"),
+    ("{name: pgd, restarts: 0}", "restarts: must be between 1 and 1000"),
+    ("{name: adaptive, inner_options: {steps: 1.0e+12}}", "inner_options.steps: must be between"),
+    ("{name: pgd, steps: ten}", "steps: expected an integer"),
+])
+def test_numeric_attack_options_are_bounded(tmp_path, capsys, attack, words):
+    path = tmp_path / "c.yaml"
+    path.write_text(SMALL + f"attacks: [{attack}]\n")
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    line = _last_line(capsys)
+    assert words in line, line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["fit", "test_pgd_at", "--option", "epochs=-3"], "epochs: must be between 1 and 10000"),
+    (["fit", "test_pgd_at", "--option", "batch_size=0"], "batch_size: must be between 1"),
+    (["run", "smoke", "--n", "0"], "n: must be between 1 and"),
+    (["run", "smoke", "--batch-size", "-1"], "batch_size: must be between 1 and"),
+    (["submit", "x.py:X", "--n", "10000000"], "--n: must be between 1 and"),
+])
+def test_numeric_flags_are_bounded(tmp_path, capsys, argv, words):
+    assert main([*argv, "--run-dir", str(tmp_path / "r")] if argv[0] != "fit" else argv) == 2
+    line = _last_line(capsys)
+    assert words in line, line
+
+
+# case 11: one line, never a traceback --------------------------------------------------------
+def _damaged_copy(src: Path, dest: Path) -> Path:
+    import shutil
+
+    import sqlite3
+
+    shutil.copytree(src, dest)
+    db = dest / "results.sqlite"
+    conn = sqlite3.connect(db)  # everything into the main file (no WAL left)
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    conn.execute("PRAGMA journal_mode=DELETE")
+    conn.close()
+    data = bytearray(db.read_bytes())
+    assert data[:16] == b"SQLite format 3\x00"
+    page = int.from_bytes(data[16:18], "big")
+    for i in range(page, len(data)):  # the header and the schema page intact, the rest garbage
+        data[i] = 0x5A if i % 3 else 0xFF
+    db.write_bytes(bytes(data))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    assert main(["run", "smoke", "--run-dir", str(run_dir), "--no-progress"]) == 0
+    return run_dir
+
+
+def test_a_store_damaged_mid_file_is_one_line_in_run_and_leaderboard(smoke_run, tmp_path,
+                                                                      capsys):
+    damaged = _damaged_copy(smoke_run, tmp_path / "damaged")
+    capsys.readouterr()
+    assert main(["leaderboard", "--run-dir", str(damaged)]) == 2
+    line = _last_line(capsys)
+    assert "result store is damaged" in line and "--run-dir" in line, line
+    assert main(["run", "smoke", "--run-dir", str(damaged), "--no-progress"]) == 2
+    line = _last_line(capsys)
+    assert "damaged" in line or "cannot open the result store" in line, line
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["run", "smoke", "--device", "cuda"], "CUDA is not available"),
+    (["fit", "test_pgd_at", "--device", "cuda:7"], None),
+    (["fit", "test_pgd_at", "--device", "tpu"], "expected auto, cpu, cuda"),
+    (["fit", "test_pgd_at", "--option", "alpha=[1"], "not a valid YAML value"),
+    (["fit", "test_pgd_at", "--option", "alpha=!!python/object/apply:os.getcwd []"],
+     "!!python are not allowed"),
+    (["submit", "examples/my_defense.py:BitDepthCNN", "--option", "bits={a: [}"],
+     "not a valid YAML value"),
+    (["submit", "examples/my_defense.py:BitDepthCNN", "--option",
+      "bits=!!python/name:os.system"], "!!python are not allowed"),
+    (["verify", "tests"], "is a folder; give the entry JSON file"),
+])
+def test_listed_tracebacks_are_one_line(tmp_path, capsys, argv, words):
+    import torch
+
+    if argv[-1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if argv[-1] == "cuda:7" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has 8 CUDA devices")
+    root = Path(__file__).resolve().parents[1]
+    argv = [str(root / a) if a.startswith(("examples/", "tests")) else a for a in argv]
+    extra = ["--run-dir", str(tmp_path / "r")] if argv[0] in ("run", "submit") else []
+    assert main([*argv, *extra]) == 2
+    line = _last_line(capsys)
+    assert line.startswith("robustmatrix: error:"), line
+    assert words is None or words in line, line
+
+
+# case 12 (rest): nonsense configs are named as what they are ---------------------------------
+@pytest.mark.parametrize("text, words", [
+    ("", "the config is empty"), ("# only a comment\n", "the config is empty"),
+    ("- a\n- b\n", "got a list"), ("just a string\n", "got a plain string")])
+def test_empty_or_list_configs_are_named(tmp_path, capsys, text, words):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "r")]) == 2
+    line = _last_line(capsys)
+    assert words in line and "__invalid__" not in line, line
+    assert main(["run", "/dev/null", "--run-dir", str(tmp_path / "r")]) == 2
+    assert "__invalid__" not in _last_line(capsys)

@@ -43,17 +43,10 @@ examples:
 
 
 def _kv(pairs: list[str]) -> dict[str, Any]:
-    import yaml
+    """``--option KEY=VALUE`` pairs: safe YAML values, numeric options bounded."""
+    from bench.core.config import parse_options
 
-    from bench.core.config import ConfigError
-
-    out: dict[str, Any] = {}
-    for kv in pairs:
-        k, sep, v = kv.partition("=")
-        if not sep or not k:
-            raise ConfigError(f"--option {kv!r}: write KEY=VALUE, e.g. --option bits=4")
-        out[k] = yaml.safe_load(v)
-    return out
+    return parse_options(pairs)
 
 
 def _threats_from_args(args: Any) -> dict[str, list[float]]:
