@@ -240,7 +240,6 @@ def test_numeric_flags_are_bounded(tmp_path, capsys, argv, words):
 # case 11: one line, never a traceback --------------------------------------------------------
 def _damaged_copy(src: Path, dest: Path) -> Path:
     import shutil
-
     import sqlite3
 
     shutil.copytree(src, dest)

@@ -81,8 +81,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from bench.core.config import (PRESETS_DIR, ConfigError, check_top_level, config_from_dict,
-                                   load_config, read_config_file)
+    from bench.core.config import (
+        PRESETS_DIR,
+        ConfigError,
+        check_top_level,
+        config_from_dict,
+        load_config,
+        read_config_file,
+    )
     from bench.harness.runner import MatrixRunner
     from leaderboard.formats import to_markdown, write_all
     from leaderboard.table import build_records, build_tables
