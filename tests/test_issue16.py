@@ -317,3 +317,88 @@ def test_empty_or_list_configs_are_named(tmp_path, capsys, text, words):
     assert words in line and "__invalid__" not in line, line
     assert main(["run", "/dev/null", "--run-dir", str(tmp_path / "r")]) == 2
     assert "__invalid__" not in _last_line(capsys)
+
+
+# case 6: fitted artifacts prove what they hold -----------------------------------------------
+FIT = ["fit", "test_pgd_at", "--dataset", "test_tiny", "--preset", "tiny", "--device", "cpu"]
+AT_RUN = ("name: at\ndatasets: [{name: test_tiny, n: 20}]\ndefenses: [test_pgd_at]\n"
+          "attacks: [test_pgd]\ndevice: cpu\nbatch_size: 10\nfit_preset: tiny\nadaptive: false\n")
+
+
+def _artifact(cache: Path) -> Path:
+    (path,) = (cache / "artifacts" / "test_pgd_at").glob("*.safetensors")
+    return path
+
+
+def test_identical_fits_have_identical_artifact_sha256(tmp_path, monkeypatch, capsys):
+    from bench.core.hashing import file_sha256
+
+    shas = []
+    for name in ("a", "b"):
+        monkeypatch.setenv("ROBUSTMATRIX_CACHE", str(tmp_path / name))
+        assert main(FIT) == 0
+        shas.append(file_sha256(_artifact(tmp_path / name)))
+    assert shas[0] == shas[1]
+    head = _artifact(tmp_path / "a").read_bytes()
+    n = int.from_bytes(head[:8], "little")
+    header = json.loads(head[8:8 + n])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(
+        header["__metadata__"])
+    assert len(header["__metadata__"]["content_sha256"]) == 64
+
+
+def _clean_accuracy(run_dir: Path) -> float:
+    records = json.loads((run_dir / "leaderboard" / "leaderboard.json").read_text())
+    return records[0]["clean"]["accuracy"]
+
+
+def test_a_corrupted_artifact_is_refitted_with_one_line(tmp_path, monkeypatch, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    monkeypatch.setenv("ROBUSTMATRIX_CACHE", str(tmp_path / "cache"))
+    config = tmp_path / "at.yaml"
+    config.write_text(AT_RUN)
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "r1"), "--no-progress"]) == 0
+    first = _clean_accuracy(tmp_path / "r1")
+    path = _artifact(tmp_path / "cache")
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) - 2000, len(data) - 1000):  # weights overwritten, header intact
+        data[i] = 0
+    path.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "r2"), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if "content hash" in ln]
+    assert len(lines) == 1 and "refitting" in lines[0], err
+    assert _clean_accuracy(tmp_path / "r2") == first  # the refit, not the damaged weights
+
+    # an artifact from before content hashes: hashed once on load, then checked like any other
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "content_sha256"}
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    save_file(state, str(path), metadata=meta)
+    capsys.readouterr()
+    assert main(["run", str(config), "--run-dir", str(tmp_path / "r3"), "--no-progress"]) == 0
+    assert "recorded one now" in capsys.readouterr().err
+    with safe_open(str(path), framework="pt") as f:
+        assert "content_sha256" in f.metadata()
+    assert _clean_accuracy(tmp_path / "r3") == first
+
+
+@pytest.mark.parametrize("key", [("pgd_at", "cifar10", None, "standard"),
+                                 ("spat", "imagenet10", 64, "standard")])
+def test_the_shipped_artifacts_still_load_against_their_pins(key):
+    """Shipped artifacts predate content hashes; they are pinned by the sha256 of their file
+    (bench.artifacts.SHIPPED, the model cards) and load unchanged, without being rewritten."""
+    from bench.artifacts import SHIPPED, prepare_defense
+    from bench.core.hashing import file_sha256
+
+    name, dataset, res, preset = key
+    entry = SHIPPED[key]
+    assert entry.sha256 in entry.path.with_suffix(".md").read_text()
+    defense, info = prepare_defense(name, {}, dataset=dataset, preset=preset, device="cpu",
+                                    dataset_options={"resolution": res} if res else {},
+                                    log=pytest.fail)  # no "refitting", no "recorded one now"
+    assert info["shipped"] and info["artifact_sha256"] == entry.sha256
+    assert file_sha256(entry.path) == entry.sha256 and defense.fitted
