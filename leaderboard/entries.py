@@ -135,7 +135,8 @@ def build_entries(store: Any, cells: list, *, metadata: dict[str, Any], run_dir:
             "provenance": {
                 **{k: prov.get(k) for k in ("code_version", "packages", "python", "platform",
                                             "device", "date", "config_hash",
-                                            "checkpoint_sha256", "sample_ids_sha256")},
+                                            "checkpoint_sha256", "sample_ids_sha256",
+                                            "pixels_sha256")},
                 "artifact": (prov.get("artifact") or {}).get("artifact"),
                 "artifact_sha256": (prov.get("artifact") or {}).get("artifact_sha256"),
                 "seed": spec.get("seed"), "batch_size": spec.get("batch_size"),

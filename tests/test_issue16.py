@@ -402,3 +402,135 @@ def test_the_shipped_artifacts_still_load_against_their_pins(key):
                                     log=pytest.fail)  # no "refitting", no "recorded one now"
     assert info["shipped"] and info["artifact_sha256"] == entry.sha256
     assert file_sha256(entry.path) == entry.sha256 and defense.fitted
+
+
+# case 5: the decoded-dataset cache proves what it holds; cell keys hold the pixel hash ---------
+def _cifar_tree(root: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from bench.data.cifar10 import Cifar10
+
+    rng = np.random.default_rng(0)
+    for cls in Cifar10.folder_names:
+        folder = root / "cifar10-jpeg" / "test" / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for p in range(2):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+                folder / f"{p:04d}.png")
+
+
+def _untrained_cifar_cnn(**_):
+    """A fixed-seed untrained CNN for 32x32 images: a CIFAR-10 defense that needs no training
+    data (test_undefended would train its classifier on the full train split)."""
+    import torch
+    from torch import nn
+
+    from defenses.base import Defense
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, stride=2), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(4 * 15 * 15, 10))
+    return Defense(net, num_classes=10)
+
+
+@pytest.fixture
+def cifar_run(tmp_path, monkeypatch):
+    from bench.core.registry import DEFENSES
+
+    if "test_issue16_cifar_cnn" not in DEFENSES:
+        DEFENSES.register("test_issue16_cifar_cnn", _untrained_cifar_cnn)
+    _cifar_tree(tmp_path / "data")
+    monkeypatch.setenv("ROBUSTMATRIX_CACHE", str(tmp_path / "cache"))
+    argv = ["run", "smoke", "--dataset", "cifar10", "--data-root", str(tmp_path / "data"),
+            "--defense", "test_issue16_cifar_cnn", "--attack", "test_pgd", "--threat",
+            "linf=8/255", "--n", "20", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 0
+    (cache,) = (tmp_path / "cache" / "decoded").glob("cifar10-test-*.safetensors")
+    return argv, cache, tmp_path / "run"
+
+
+def _counts(capsys) -> str:
+    return next(ln for ln in capsys.readouterr().err.splitlines() if "cells computed" in ln)
+
+
+def _rewrite_cache(cache: Path, *, images=None, labels=None, drop_hash=False) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from bench.data.core import _write_cache
+
+    with safe_open(str(cache), framework="pt") as f:
+        meta = f.metadata()
+        img, lab = f.get_tensor("images"), f.get_tensor("labels")
+    img = img if images is None else images(img)
+    lab = lab if labels is None else labels(lab)
+    if drop_hash:  # as an older version wrote it
+        save_file({"images": img, "labels": lab}, str(cache),
+                  metadata={k: v for k, v in meta.items() if k != "content_sha256"})
+    else:  # a forger who recomputes the content hash
+        _write_cache(cache, img, lab, json.loads(meta["sample_ids"]), json.loads(meta["skipped"]))
+
+
+def _trust_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "cannot be trusted" in r.getMessage()]
+
+
+def test_a_modified_decoded_cache_is_decoded_again_with_one_line(cifar_run, capsys, caplog):
+    argv, cache, _ = cifar_run
+    data = bytearray(cache.read_bytes())
+    for i in range(len(data) - 3000, len(data) - 100):  # pixels overwritten, header intact
+        data[i] = 255
+    cache.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(argv) == 0
+    (line,) = _trust_warnings(caplog)
+    assert "does not match its content hash" in line and "decoding the images again" in line
+    assert _counts(capsys).startswith("robustmatrix: 0 cells computed")  # same pixels: reused
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"labels": lambda lab: lab * 0 + 10**9}, "labels are outside 0..9"),
+    ({"drop_hash": True}, "carries no content hash"),
+    ({"labels": lambda lab: lab[:-1]}, "do not match"),
+])
+def test_a_garbage_decoded_cache_is_decoded_again(cifar_run, capsys, caplog, edit, words):
+    argv, cache, _ = cifar_run
+    _rewrite_cache(cache, **edit)
+    capsys.readouterr()
+    assert main(argv) == 0
+    (line,) = _trust_warnings(caplog)
+    assert words in line, line
+    assert _counts(capsys).startswith("robustmatrix: 0 cells computed")
+
+
+def test_other_pixels_under_the_same_ids_are_other_cells(cifar_run, capsys, caplog):
+    from bench.core.store import ResultStore
+
+    argv, cache, run_dir = cifar_run
+    _rewrite_cache(cache, images=lambda img: 255 - img)  # content hash recomputed: passes
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert not _trust_warnings(caplog)
+    assert " 0 reused" in _counts(capsys)  # nothing stored under the old pixels was reused
+    store = ResultStore(run_dir / "results.sqlite", readonly=True)
+    clean = [c for c in store.cells() if c.attack == "clean"]
+    assert len(clean) == 2 and clean[0].spec["data"] == clean[1].spec["data"]  # same ids
+    assert clean[0].spec["pixels"] != clean[1].spec["pixels"]
+    assert {c.provenance["pixels_sha256"] for c in clean} == {c.spec["pixels"] for c in clean}
+
+
+def test_a_store_from_before_pixel_hashes_is_reused(tmp_path, monkeypatch, capsys):
+    import bench.harness.runner as runner
+    from bench.core.hashing import json_sha256
+
+    argv = ["run", "smoke", "--run-dir", str(tmp_path / "run"), "--no-progress"]
+    with monkeypatch.context() as m:  # the keys an earlier version wrote (no "pixels")
+        m.setattr(runner, "_hash", lambda obj: json_sha256(
+            {k: v for k, v in obj.items() if k != "pixels"} if isinstance(obj, dict) else obj))
+        assert main(argv) == 0
+    capsys.readouterr()
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "stored before cell keys carried the pixel hash" in err
+    assert "robustmatrix: 0 cells computed" in err

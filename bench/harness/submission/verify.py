@@ -189,8 +189,15 @@ def verify_entry(path: str | Path, *, rerun: int = 2, seed: int = 0, device: str
                if k in ("root", "source", "resolution", "split")}
     data = load_eval(entry["dataset"], entry["n"], seed=prov.get("seed", 0), **ds_opts)
     ids_ok = list(data.sample_ids) == list(prov.get("sample_ids") or [])
-    rep.add("data", ids_ok, f"the {len(data)} evaluation images are the recorded ones" if ids_ok
-            else "the evaluation images differ from the recorded sample ids")
+    want_pixels = prov.get("pixels_sha256")  # entries written before pixel hashes have none
+    pixels_ok = want_pixels is None or data.pixel_sha256 == want_pixels
+    rep.add("data", ids_ok and pixels_ok,
+            (f"the {len(data)} evaluation images are the recorded ones"
+             + (" (sample ids and pixel sha256)" if want_pixels else " (sample ids)"))
+            if ids_ok and pixels_ok else
+            "the evaluation images differ from the recorded sample ids" if not ids_ok else
+            f"the evaluation images have pixel sha256 {data.pixel_sha256[:12]}, the entry records "
+            f"{str(want_pixels)[:12]}: the data (or its decoded cache) changed since submission")
     x_all, y_all = data.images.to(device), data.labels.to(device)
     draws = int(prov.get("random_draws") or 5)
     cfg_seed = int(prov.get("seed") or 0)
