@@ -534,3 +534,44 @@ def test_a_store_from_before_pixel_hashes_is_reused(tmp_path, monkeypatch, capsy
     err = capsys.readouterr().err
     assert "stored before cell keys carried the pixel hash" in err
     assert "robustmatrix: 0 cells computed" in err
+
+
+# case 7: verify checks the recorded sha256 of the source before importing it -----------------
+@pytest.fixture(scope="module")
+def example_entry(tmp_path_factory):
+    root = tmp_path_factory.mktemp("example")
+    src = root / "user" / "my_defense.py"
+    src.parent.mkdir()
+    src.write_text((Path(__file__).resolve().parents[1] / "examples" / "my_defense.py")
+                   .read_text())
+    run_dir = root / "run"
+    assert main(["submit", f"{src}:BitDepthCNN", *SUBMIT, "--run-dir", str(run_dir)]) == 0
+    (entry,) = (run_dir / "entries").glob("*.json")
+    return entry
+
+
+def test_verify_imports_no_code_whose_sha256_differs(example_entry, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(example_entry.parent.parent, run)
+    entry = run / "entries" / example_entry.name
+    marker = tmp_path / "imported"
+    evil = tmp_path / "evil.py"
+    evil.write_text(Path(json.loads(entry.read_text())["defense"]["source"]["path"]).read_text()
+                    + f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    e = json.loads(entry.read_text())
+    e["defense"]["source"]["path"] = str(evil)  # an edited entry: its digest is still intact
+    entry.write_text(json.dumps(e))
+    capsys.readouterr()
+    assert main(["verify", str(entry), "--rerun", "0"]) == 1
+    out = capsys.readouterr().out
+    assert not marker.exists(), "verify imported code that is not the submitted code"
+    assert "[ok] entry_integrity" in out and "[FAIL] source" in out and "not imported" in out
+    assert "[ok] weights" in out  # the snapshot taken at submission was checked instead
+
+    (run / json.loads(entry.read_text())["defense"]["source"]["snapshot"]).write_text(
+        evil.read_text())  # the snapshot tampered with too: nothing to import
+    assert main(["verify", str(entry), "--rerun", "0"]) == 1
+    out = capsys.readouterr().out
+    assert not marker.exists() and "nothing was imported" in out
