@@ -575,3 +575,47 @@ def test_verify_imports_no_code_whose_sha256_differs(example_entry, tmp_path, ca
     assert main(["verify", str(entry), "--rerun", "0"]) == 1
     out = capsys.readouterr().out
     assert not marker.exists() and "nothing was imported" in out
+
+
+# case 12 (rest): leaderboard on a read-only run directory ------------------------------------
+def _read_only(run_dir: Path, argv: list[str]):
+    """Run the CLI with ``run_dir`` read-only: a read-only bind mount in a private mount
+    namespace as root (chmod does not stop root), chmod otherwise."""
+    import shutil
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bench", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if os.geteuid() != 0:
+        os.chmod(run_dir, 0o555)
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+        finally:
+            os.chmod(run_dir, 0o755)
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to make a read-only mount as root")
+    script = (f'mount --bind "{run_dir}" "{run_dir}" && mount -o remount,bind,ro "{run_dir}" '
+              f'&& ! touch "{run_dir}/probe" 2>/dev/null && exec "$@"')
+    res = subprocess.run(["unshare", "-m", "sh", "-c", script, "sh", *cmd], capture_output=True,
+                         text=True, env=env, timeout=120)
+    if res.returncode != 0 and "mount" in res.stderr and "robustmatrix" not in res.stderr:
+        pytest.skip(f"cannot make a read-only mount here ({res.stderr.strip()[:100]})")
+    return res
+
+
+def test_leaderboard_on_a_read_only_run_directory(smoke_run, tmp_path):
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(smoke_run, run_dir)
+    shutil.rmtree(run_dir / "leaderboard")
+    res = _read_only(run_dir, ["leaderboard", "--run-dir", str(run_dir)])
+    assert res.returncode == 0, res.stderr
+    assert "| Rank" in res.stdout and "Traceback" not in res.stderr
+    assert "read-only" in res.stderr.strip().splitlines()[-1] and "--out" in res.stderr
+    assert not (run_dir / "leaderboard").exists()
+    out = tmp_path / "tables"
+    res = _read_only(run_dir, ["leaderboard", "--run-dir", str(run_dir), "--out", str(out)])
+    assert res.returncode == 0, res.stderr
+    assert (out / "leaderboard.md").is_file() and not (run_dir / "leaderboard").exists()
