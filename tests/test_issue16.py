@@ -619,3 +619,28 @@ def test_leaderboard_on_a_read_only_run_directory(smoke_run, tmp_path):
     res = _read_only(run_dir, ["leaderboard", "--run-dir", str(run_dir), "--out", str(out)])
     assert res.returncode == 0, res.stderr
     assert (out / "leaderboard.md").is_file() and not (run_dir / "leaderboard").exists()
+
+
+# verify's and sweep's re-runs of a submitted defense are isolated like submit ----------------
+def test_verify_and_sweep_run_the_submitted_defense_in_a_sandbox(tmp_path, capsys):
+    import tempfile
+
+    marker = Path(tempfile.gettempdir()) / f"robustmatrix-sleep-later-{os.getuid()}"
+    marker.unlink(missing_ok=True)
+    run_dir = tmp_path / "run"
+    assert main(["submit", f"{HOSTILE}:SleepsLater", *SUBMIT, "--run-dir", str(run_dir)]) == 0
+    (entry,) = (run_dir / "entries").glob("*.json")
+    before = entry.read_bytes()
+    marker.write_text("")  # from now on its forward hangs
+    try:
+        for argv in (["verify", str(entry), "--rerun", "1"],
+                     ["sweep", str(entry), "--eps", "0,8/255", "--no-progress"]):
+            t0 = time.monotonic()
+            assert main([*argv, "--time-limit", "15"]) == 2
+            assert time.monotonic() - t0 < 60
+            line = _last_line(capsys)
+            assert line.startswith("robustmatrix: error:") and "did not finish within 15 s" in \
+                line, line
+    finally:
+        marker.unlink(missing_ok=True)
+    assert entry.read_bytes() == before  # the entry is intact

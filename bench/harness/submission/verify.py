@@ -72,6 +72,15 @@ class VerifyReport:
         return {"entry": self.entry, "verified": self.ok,
                 "checks": [asdict(c) for c in self.checks]}
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VerifyReport:
+        """The report :meth:`as_dict` gave (e.g. from the sandboxed child of ``verify``)."""
+        rep = cls(str(d["entry"]))
+        for c in d.get("checks") or []:
+            rep.checks.append(Check(str(c["name"]), bool(c["ok"]), str(c["detail"]),
+                                    dict(c.get("data") or {})))
+        return rep
+
 
 def _within(value: float, acc: dict[str, Any], slack: float = 1e-9) -> bool:
     return acc["ci_low"] - slack <= value <= acc["ci_high"] + slack
