@@ -644,3 +644,13 @@ def test_verify_and_sweep_run_the_submitted_defense_in_a_sandbox(tmp_path, capsy
     finally:
         marker.unlink(missing_ok=True)
     assert entry.read_bytes() == before  # the entry is intact
+
+
+def test_a_misspelt_null_option_is_refused_not_dropped(tmp_path, capsys):
+    """Registry.create drops a None only for a parameter the factory declares (its default
+    wins); `stesp: null` used to vanish silently."""
+    path = tmp_path / "c.yaml"
+    path.write_text(SMALL + "attacks: [{name: pgd, stesp: null}]\n")
+    assert main(["run", str(path), "--run-dir", str(tmp_path / "r"), "--no-progress"]) == 2
+    line = _last_line(capsys)
+    assert "bad options for attack 'pgd'" in line and "stesp" in line, line
