@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from bench.core import paths
-from bench.core.hashing import file_sha256, json_sha256
+from bench.core.hashing import file_sha256, json_sha256, state_dict_sha256
 from bench.core.registry import DEFENSES
 
 
@@ -59,19 +59,73 @@ def artifact_key(meta: dict[str, str]) -> str:
     return json_sha256(meta, default=None)
 
 
-def save_artifact(defense: Any, path: Path, meta: dict[str, str]) -> str:
-    from safetensors.torch import save_file
+#: the metadata field holding an artifact's content hash (checked on every load)
+CONTENT_FIELD = "content_sha256"
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+def content_sha256(state: dict[str, torch.Tensor], meta: dict[str, str]) -> str:
+    """An artifact's identity: its tensors (names, dtypes, shapes, bytes, in name order;
+    :func:`state_dict_sha256`) and its metadata (sorted keys; the content field itself left
+    out). Identical fits give identical hashes on every machine."""
+    return json_sha256({"tensors": state_dict_sha256(state),
+                        "meta": {k: v for k, v in meta.items() if k != CONTENT_FIELD}},
+                       default=None)
+
+
+def canonical_safetensors(state: dict[str, torch.Tensor], meta: dict[str, str]) -> bytes:
+    """A safetensors file with a canonical layout: tensors in name order, the JSON header with
+    sorted keys and no spaces (``safetensors.torch.save_file`` writes the metadata in hash-map
+    order, so two bit-identical fits gave two file sha256s)."""
+    import struct
+
+    header: dict[str, Any] = {}
+    blobs, offset = [], 0
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise ArtifactError(f"tensor {name} has dtype {t.dtype}, which an artifact cannot "
+                                "hold; keep the defense's state in float/int tensors")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    header["__metadata__"] = {str(k): str(v) for k, v in sorted(meta.items())}
+    head = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+
+
+def save_artifact(defense: Any, path: Path, meta: dict[str, str]) -> str:
+    """Write ``defense.state_dict()`` with ``meta`` and its content hash (canonical layout,
+    atomically); returns the file's sha256."""
     state = {k: v.detach().cpu().contiguous() for k, v in defense.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata=meta)
+    return write_artifact(state, Path(path), meta)
+
+
+def write_artifact(state: dict[str, torch.Tensor], path: Path, meta: dict[str, str]) -> str:
+    meta = {k: v for k, v in meta.items() if k != CONTENT_FIELD}
+    meta[CONTENT_FIELD] = content_sha256(state, meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(canonical_safetensors(state, meta))
     tmp.replace(path)
     return file_sha256(path)
 
 
+class ArtifactDamaged(ArtifactError):
+    """An artifact whose tensors or metadata no longer match its recorded content hash."""
+
+
 def load_artifact(defense: Any, path: Path, expected: dict[str, str] | None = None,
-                  device: str = "cpu") -> dict[str, str]:
+                  device: str = "cpu", *, log=None) -> dict[str, str]:
+    """Load an artifact into ``defense`` after checking it: its metadata against ``expected``
+    and its tensors + metadata against the content hash it carries (:class:`ArtifactDamaged` on
+    a mismatch). An artifact written before content hashes carries none: with ``log`` given (the
+    harness's own cache) the hash is recorded now, once, with one line saying so."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -92,7 +146,21 @@ def load_artifact(defense: Any, path: Path, expected: dict[str, str] | None = No
                     f"{expected.get(field)!r}; fit the defense for this setting "
                     f"(`robustmatrix fit {expected.get('defense')} --dataset "
                     f"{expected.get('dataset')}`) instead of reusing it")
-    state = load_file(str(path), device=str(device))
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as exc:  # noqa: BLE001 - a truncated or garbled tensor section
+        raise ArtifactDamaged(f"artifact {path} cannot be read ({str(exc)[:200]}); delete it and "
+                              "run `robustmatrix fit` again") from None
+    recorded = meta.get(CONTENT_FIELD)
+    if recorded is not None:
+        if content_sha256(state, meta) != recorded:
+            raise ArtifactDamaged(f"artifact {path} does not match its content hash (its tensors "
+                                  "or metadata were modified on disk); delete it and run "
+                                  "`robustmatrix fit` again")
+    elif log is not None:  # written before content hashes: record one (trust on first use)
+        write_artifact({k: v.cpu() for k, v in state.items()}, path, meta)
+        log(f"artifact {path.name} was written before artifacts carried a content hash; "
+            "recorded one now (later loads check it)")
     try:
         defense.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # missing/unexpected keys or shapes: another model's tensors
@@ -247,8 +315,12 @@ def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
                              train_fingerprint=train.fingerprint)
     path = paths.cache_dir() / "artifacts" / name / f"{artifact_key(meta)}.safetensors"
     if path.exists():
-        load_artifact(defense, path, meta, device=device)
-    else:
+        try:
+            load_artifact(defense, path, meta, device=device, log=log)
+        except ArtifactDamaged as exc:  # a cache that lies is refitted, never used
+            log(f"{exc}: refitting")
+            path.unlink(missing_ok=True)
+    if not path.exists():
         if not allow_fit:
             raise ArtifactError(f"defense '{name}' is not fitted for {dataset}; run "
                                 f"`robustmatrix fit {name} --dataset {dataset}` first")
@@ -280,9 +352,23 @@ def prepare_defense(name: str, options: dict[str, Any], *, dataset: str,
 
 
 def resolve_device(device: str) -> str:
+    """``auto`` -> cuda or cpu; a device this machine does not have is a one-line error."""
+    import re
+
+    from bench.core.config import ConfigError
+
+    if not isinstance(device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d{1,3})?|mps", device):
+        raise ConfigError(f"device: expected auto, cpu, cuda, cuda:N or mps, got {device!r}")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu "
-                         "or auto")
+        raise ConfigError(f"device {device!r} requested but CUDA is not available on this "
+                          "machine; use --device cpu or auto")
+    if device.startswith("cuda:") and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA "
+                          "device(s); use --device cuda:0 or auto")
+    if device == "mps" and not (getattr(torch.backends, "mps", None)
+                                and torch.backends.mps.is_available()):
+        raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu "
+                          "or auto")
     return device

@@ -135,7 +135,8 @@ def build_entries(store: Any, cells: list, *, metadata: dict[str, Any], run_dir:
             "provenance": {
                 **{k: prov.get(k) for k in ("code_version", "packages", "python", "platform",
                                             "device", "date", "config_hash",
-                                            "checkpoint_sha256", "sample_ids_sha256")},
+                                            "checkpoint_sha256", "sample_ids_sha256",
+                                            "pixels_sha256")},
                 "artifact": (prov.get("artifact") or {}).get("artifact"),
                 "artifact_sha256": (prov.get("artifact") or {}).get("artifact_sha256"),
                 "seed": spec.get("seed"), "batch_size": spec.get("batch_size"),
@@ -221,13 +222,37 @@ def write_entry(entry: dict[str, Any], folder: Path) -> Path:
     return path
 
 
+#: the largest entry file read (an entry is tens of kB)
+MAX_ENTRY_BYTES = 64 << 20
+
+
+def _read_entry_text(path: Path) -> str:
+    """An entry file's text: a regular file of at most :data:`MAX_ENTRY_BYTES` (a FIFO or a
+    device named as an entry is refused before it is opened)."""
+    import stat
+
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise EntryError(f"{path} is not a regular file; give an entry JSON file")
+    if st.st_size > MAX_ENTRY_BYTES:
+        raise EntryError(f"{path} is {st.st_size} bytes, too large for an entry; give an entry "
+                         "JSON file written by `robustmatrix submit`")
+    with open(path, "rb") as f:
+        return f.read(MAX_ENTRY_BYTES + 1).decode("utf-8")
+
+
 def read_entry(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise EntryError(f"no entry file {path}; give the path of a JSON file written by "
                          "`robustmatrix submit` (in <run-dir>/entries/)")
+    if path.is_dir():
+        found = sorted(path.glob("*.json")) if path.name == "entries" else sorted(
+            path.glob("entries/*.json"))
+        hint = f", e.g. {found[0]}" if found else " (<run-dir>/entries/*.json)"
+        raise EntryError(f"{path} is a folder; give the entry JSON file(s) inside it{hint}")
     try:
-        entry = json.loads(path.read_text())
+        entry = json.loads(_read_entry_text(path))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EntryError(f"{path} is not valid JSON ({exc}); restore it from the run "
                          "(`robustmatrix submit` writes it again without recomputing)") from None
@@ -265,7 +290,7 @@ def load_entries(*locations: str | os.PathLike) -> list[dict[str, Any]]:
     entries = []
     for f in files:
         try:
-            raw = json.loads(f.read_text())
+            raw = json.loads(_read_entry_text(f))
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
             raise EntryError(f"{f} is not valid JSON ({exc}); fix or remove it") from None
         if not isinstance(raw, dict) or raw.get("schema") != SCHEMA:

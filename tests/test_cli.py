@@ -64,7 +64,7 @@ def test_malformed_config_files(tmp_path, capsys):
         "no_defenses.yaml": "datasets: [test_tiny]\nattacks: [pgd]",
     }
     expect = {"broken.yaml": "not valid YAML", "unknown_key.yaml": "did you mean 'datasets'",
-              "list.yaml": "unknown key", "no_defenses.yaml": "'defenses' must be a non-empty list"}
+              "list.yaml": "got a list", "no_defenses.yaml": "'defenses' must be a non-empty list"}
     for name, text in cases.items():
         p = tmp_path / name
         p.write_text(text)

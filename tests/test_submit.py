@@ -171,7 +171,10 @@ def test_verify_catches_changed_defense_code(submitted, tmp_path):
     e["defense"]["source"]["path"] = str(edited)  # the user edited their file in place
     entry.write_text(json.dumps(e))
     rep, failed = _failed(entry)
-    assert "config" in failed and rep.get("weights").data["source_changed"]
+    # issue 16 case 7: the changed file is not imported (its sha256 is checked first); the
+    # snapshot taken at submission is verified instead and the source check fails
+    assert "source" in failed and rep.get("weights").data["source_changed"]
+    assert "was not imported" in rep.get("source").detail
 
 
 # contract checks -------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
         print(f"robustmatrix: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:  # a full disk or a read-only run directory while writing files
+        if _database_error(exc) is not None:  # pandas' DatabaseError is an OSError
+            return _damaged_store(exc)
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
             raise
         print(f"robustmatrix: error: {one_line(exc)}; is the disk full or the run directory "
@@ -61,3 +63,35 @@ def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Nam
         print("robustmatrix: interrupted; finished batches are stored, run the same command "
               "again to resume", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a damaged store is named; anything else re-raised
+        if _database_error(exc) is None:
+            raise
+        return _damaged_store(exc)
+
+
+def _damaged_store(exc: BaseException) -> int:
+    from bench.core.config import one_line
+
+    print(f"robustmatrix: error: the result store is damaged ({one_line(_database_error(exc))}); "
+          "restore results.sqlite from a copy, or recover what is readable with `sqlite3 "
+          "results.sqlite .recover | sqlite3 recovered.sqlite`, or use a new --run-dir",
+          file=sys.stderr)
+    return 2
+
+
+def _database_error(exc: BaseException) -> BaseException | None:
+    """The ``sqlite3.DatabaseError`` behind ``exc`` (itself, or its cause / context, e.g. the
+    one pandas wraps in ``pandas.errors.DatabaseError``), when the file is damaged."""
+    import sqlite3
+
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, sqlite3.DatabaseError) and not isinstance(
+                exc, (sqlite3.OperationalError, sqlite3.IntegrityError,
+                      sqlite3.ProgrammingError)):
+            return exc
+        if isinstance(exc, sqlite3.OperationalError) and "malformed" in str(exc):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return None

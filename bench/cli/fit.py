@@ -40,19 +40,12 @@ def add_parser(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    import yaml
-
     from bench.artifacts import prepare_defense, resolve_device
-    from bench.core.config import ConfigError
+    from bench.core.config import parse_options
     from bench.core.registry import DEFENSES
 
     DEFENSES.get(args.defense)
-    options: dict[str, Any] = {}
-    for kv in args.option:
-        k, sep, v = kv.partition("=")
-        if not sep or not k:
-            raise ConfigError(f"--option {kv!r}: write KEY=VALUE, e.g. --option epochs=2")
-        options[k] = yaml.safe_load(v)
+    options: dict[str, Any] = parse_options(args.option)  # safe YAML, bounded numbers
     ds_opts: dict[str, Any] = {}
     if args.resolution:
         ds_opts["resolution"] = args.resolution

@@ -20,6 +20,9 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import errno
+
+    from bench.core.config import check_run_dir
     from bench.core.store import ResultStore
     from leaderboard.formats import to_markdown, write_all
     from leaderboard.table import build_records, build_tables
@@ -32,8 +35,17 @@ def run(args: argparse.Namespace) -> int:
         info(f"no finished cells in {args.run_dir} yet")
         return 0
     print(to_markdown(tables))
+    if args.out:
+        check_run_dir(args.out, "--out")
     out = Path(args.out) if args.out else Path(args.run_dir) / "leaderboard"
-    write_all(store, out, per_attack=not args.worst_case_only, show_cost=args.show_cost,
-              records=records)
+    try:
+        write_all(store, out, per_attack=not args.worst_case_only, show_cost=args.show_cost,
+                  records=records)
+    except OSError as exc:  # a read-only run directory: the tables above are the result
+        if args.out or exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        info(f"the run directory {args.run_dir} is read-only, so the tables were printed above "
+             "and not written; pass --out FOLDER to write them elsewhere")
+        return 0
     info(f"tables written to {out}")
     return 0

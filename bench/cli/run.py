@@ -81,9 +81,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import yaml
-
-    from bench.core.config import PRESETS_DIR, ConfigError, config_from_dict, load_config
+    from bench.core.config import (
+        PRESETS_DIR,
+        ConfigError,
+        check_top_level,
+        config_from_dict,
+        load_config,
+        read_config_file,
+    )
     from bench.harness.runner import MatrixRunner
     from leaderboard.formats import to_markdown, write_all
     from leaderboard.table import build_records, build_tables
@@ -96,16 +101,8 @@ def run(args: argparse.Namespace) -> int:
         path = PRESETS_DIR / f"{args.config}.yaml"
     if not path.exists():
         load_config(args.config)  # raises the one-line error
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError:
-        load_config(str(path))
-        raise
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:  # a folder, binary
-        raise ConfigError(f"{path}: cannot read it as a YAML config ({exc}); give a preset or a "
-                          "YAML file") from None
-    if not isinstance(raw, dict):
-        raw = {"__invalid__": raw}
+    raw = read_config_file(path)  # a regular file of bounded size, safe YAML
+    check_top_level(raw, str(path))
     raw.update(_overrides(args))
     if getattr(args, "n", None) is not None and isinstance(raw.get("datasets"), list):
         # --n overrides a preset's per-dataset n too (flags beat presets)

@@ -43,17 +43,10 @@ examples:
 
 
 def _kv(pairs: list[str]) -> dict[str, Any]:
-    import yaml
+    """``--option KEY=VALUE`` pairs: safe YAML values, numeric options bounded."""
+    from bench.core.config import parse_options
 
-    from bench.core.config import ConfigError
-
-    out: dict[str, Any] = {}
-    for kv in pairs:
-        k, sep, v = kv.partition("=")
-        if not sep or not k:
-            raise ConfigError(f"--option {kv!r}: write KEY=VALUE, e.g. --option bits=4")
-        out[k] = yaml.safe_load(v)
-    return out
+    return parse_options(pairs)
 
 
 def _threats_from_args(args: Any) -> dict[str, list[float]]:
@@ -108,7 +101,19 @@ def run(args: Any) -> int:
     if sweep:
         first = (opts.attacks or [None])[0] or SUITES[opts.suite]["attacks"][0]
         for p in entries:
-            run_sweep(p, sweep, attack=sweep_attack_for(first), progress=opts.progress, log=log)
+            if args.no_isolation:
+                run_sweep(p, sweep, attack=sweep_attack_for(first), progress=opts.progress,
+                          log=log)
+            else:  # the sweep re-runs the submitted code: isolated like the submission
+                from bench.harness.submission.sandbox import sweep_isolated
+
+                limit, memory = isolation_limits(args, default_time_limit(opts.suite, opts.n)
+                                                 * max(1, len(sweep)))
+                unwrap(sweep_isolated(p, sweep, attack=sweep_attack_for(first),
+                                      device=opts.device, progress=opts.progress,
+                                      timeout=limit, memory_limit=memory,
+                                      memory_rlimit="DATA" if str(opts.device).startswith(
+                                          "cuda") else "AS"))
     print(describe({"entries": entries}))
     log(f"submitted in {wall:.1f} s; verify with `robustmatrix verify "
         f"{entries[0] if entries else '<entry>'}`")
@@ -129,15 +134,13 @@ def default_time_limit(suite: str, n: int) -> float:
     return 600.0 + SECONDS_PER_IMAGE.get(suite, 600.0) * n
 
 
-def _submit_in_child(args: Any, meta: Metadata, opts: SubmitOptions) -> tuple[list[str], float]:
-    """Run the whole submission in a sandboxed child (:func:`submit_isolated`): wall-clock and
-    memory limits, no core dumps, its process group killed at the end. Any abnormal end (an
-    exception, a signal, ``os._exit``, a limit hit) is a :class:`SandboxError`: one line, exit 2;
-    the batches the child committed stay in the store."""
-    from bench.harness.submission.sandbox import SandboxError, parse_size, submit_isolated
+def isolation_limits(args: Any, default_seconds: float) -> tuple[float, int | None]:
+    """``--time-limit`` (default ``default_seconds``) and ``--memory-limit`` of an isolated
+    command (submit, verify, sweep), checked: one line for a bad value."""
+    from bench.harness.submission.sandbox import parse_size
 
     if args.time_limit is None:
-        limit = default_time_limit(opts.suite, opts.n)
+        limit = float(default_seconds)
     else:
         try:
             limit = float(args.time_limit)
@@ -151,13 +154,42 @@ def _submit_in_child(args: Any, meta: Metadata, opts: SubmitOptions) -> tuple[li
         memory = None if mem_text in ("none", "unlimited", "0") else parse_size(args.memory_limit)
     except ValueError as exc:
         raise SubmitError(f"--memory-limit: {exc}") from None
-    res = submit_isolated(args.defense, meta, opts, timeout=limit, memory_limit=memory,
-                          memory_rlimit="DATA" if str(opts.device).startswith("cuda") else "AS",
-                          label=f"submission {args.defense}")
+    return limit, memory
+
+
+def unwrap(res: Any) -> Any:
+    """The child's value; its own one-line refusal re-raised as such; any abnormal end (an
+    exception, a signal, ``os._exit``, a limit hit) a :class:`SandboxError` (one line)."""
+    from bench.harness.submission.sandbox import SandboxError
+
     if res.status == "exception" and res.error_type in _EXPECTED and res.error_message:
         raise SubmitError(res.error_message)  # the harness's own one-line refusal, from the child
     if not res.ok:
         raise SandboxError(res)
+    return res.value
+
+
+def add_isolation_flags(parser: Any, what: str, default: str) -> None:
+    parser.add_argument("--time-limit", metavar="SECONDS", help=f"wall-clock limit of the "
+                        f"isolated {what} [{default}]")
+    parser.add_argument("--memory-limit", default="8GiB", metavar="SIZE",
+                        help=f"memory the isolated {what} may add, e.g. 4GiB, or 'none' [8GiB]")
+    parser.add_argument("--no-isolation", action="store_true", help=f"run the {what} in this "
+                        "process (trusted code only: no time or memory limit)")
+
+
+def _submit_in_child(args: Any, meta: Metadata, opts: SubmitOptions) -> tuple[list[str], float]:
+    """Run the whole submission in a sandboxed child (:func:`submit_isolated`): wall-clock and
+    memory limits, no core dumps, its process group killed at the end. Any abnormal end (an
+    exception, a signal, ``os._exit``, a limit hit) is a :class:`SandboxError`: one line, exit 2;
+    the batches the child committed stay in the store."""
+    from bench.harness.submission.sandbox import submit_isolated
+
+    limit, memory = isolation_limits(args, default_time_limit(opts.suite, opts.n))
+    res = submit_isolated(args.defense, meta, opts, timeout=limit, memory_limit=memory,
+                          memory_rlimit="DATA" if str(opts.device).startswith("cuda") else "AS",
+                          label=f"submission {args.defense}")
+    unwrap(res)
     value = res.value if isinstance(res.value, dict) else {}
     entries = [str(p) for p in value.get("entries") or []]
     if not entries:
@@ -208,9 +240,4 @@ def add_parser(sub: Any) -> None:
     s.add_argument("--force", action="store_true", help="record contract errors as flags "
                    "instead of refusing (fatal problems are always refused)")
     s.add_argument("--no-progress", action="store_true")
-    s.add_argument("--time-limit", metavar="SECONDS", help="wall-clock limit of the isolated "
-                   "evaluation [600 + a per-image budget of the suite times --n]")
-    s.add_argument("--memory-limit", default="8GiB", metavar="SIZE",
-                   help="memory the isolated evaluation may add, e.g. 4GiB, or 'none' [8GiB]")
-    s.add_argument("--no-isolation", action="store_true", help="run the defense in this "
-                   "process (trusted code only: no time or memory limit)")
+    add_isolation_flags(s, "evaluation", "600 + a per-image budget of the suite times --n")

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from bench.cli.errors import info
-from bench.cli.submit import _kv
+from bench.cli.submit import _kv, add_isolation_flags, isolation_limits, unwrap
 from bench.harness.submission.sweep import SWEEP_ATTACK, parse_eps_list, run_sweep
 
 
@@ -14,8 +14,20 @@ def run(args: Any) -> int:
     a = {"name": args.attack, **_kv(args.option)}
     if args.attack == "adaptive" and not args.option:
         a = dict(SWEEP_ATTACK)
-    sw = run_sweep(args.entry, parse_eps_list(args.eps), attack=a, device=args.device,
-                   progress=not args.no_progress, log=info)
+    eps = parse_eps_list(args.eps)
+    if args.no_isolation:
+        sw = run_sweep(args.entry, eps, attack=a, device=args.device,
+                       progress=not args.no_progress, log=info)
+    else:  # the entry's defense is submitted code: attacked in a sandboxed child
+        from bench.harness.submission.sandbox import sweep_isolated
+        from leaderboard.entries import read_entry
+
+        n = int(read_entry(args.entry)["n"])
+        limit, memory = isolation_limits(args, (600.0 + 30.0 * n) * len(eps))
+        sw = unwrap(sweep_isolated(args.entry, eps, attack=a, device=args.device,
+                                   progress=not args.no_progress, timeout=limit,
+                                   memory_limit=memory, memory_rlimit="DATA" if str(
+                                       args.device).startswith("cuda") else "AS"))
     for p in sw["points"]:
         print(f"eps {p['eps']:.4g}: robust {100 * p['worst_case']['accuracy']:.1f}% "
               f"[{100 * p['worst_case']['ci_low']:.0f}, {100 * p['worst_case']['ci_high']:.0f}]")
@@ -33,3 +45,4 @@ def add_parser(sub: Any) -> None:
                    help="attack option (repeatable), e.g. inner=pgd, inner_options={steps: 50}")
     w.add_argument("--device")
     w.add_argument("--no-progress", action="store_true")
+    add_isolation_flags(w, "sweep", "(600 + 30 s per image) per epsilon")

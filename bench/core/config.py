@@ -196,6 +196,7 @@ def _component(item: Any, where: str) -> ComponentSpec:
                 raise ConfigError(f"{where}: option name {key!r} is not a valid option name; in a "
                                   "flow mapping ({...}) a comma ends the value, so quote values "
                                   "that contain commas (label: 'a, b')")
+        check_option_bounds(options, where)
         return ComponentSpec(name, options, label)
     raise ConfigError(f"{where}: expected a name or a mapping with 'name', got {item!r}")
 
@@ -261,11 +262,143 @@ def check_run_dir(value: Any, where: str = "run_dir") -> str:
     return value
 
 
+#: the largest config file read (a benchmark config is a few hundred bytes; ``/dev/zero`` or a
+#: multi-GB file is refused before it is read)
+MAX_CONFIG_BYTES = 1 << 20
+#: the longest ``--option KEY=VALUE`` value parsed as YAML
+MAX_OPTION_CHARS = 10_000
+#: bounds of the numeric options of defenses and attacks, by name (``None`` means "the
+#: component's default"); a name ending in ``_<name>`` (``val_steps``, ``finetune_epochs``) gets
+#: the same upper bound with 0 allowed. Generous: they stop ``steps: 1000000000000`` or
+#: ``epochs: -3``, not a long but real evaluation
+OPTION_BOUNDS: dict[str, tuple[int, int]] = {
+    "steps": (1, 100_000), "restarts": (1, 1_000), "n_restarts": (1, 1_000),
+    "epochs": (1, 10_000), "batch_size": (1, MAX_BATCH), "n": (1, MAX_N),
+    "n_queries": (1, 10_000_000), "eot_draws": (1, 10_000), "iterations": (1, 100_000),
+    "max_iter": (1, 100_000)}
+
+
+def _bound_for(key: str) -> tuple[int, int] | None:
+    if key in OPTION_BOUNDS:
+        return OPTION_BOUNDS[key]
+    tail = key.rsplit("_", 1)[-1]
+    if "_" in key and tail in OPTION_BOUNDS:
+        return 0, OPTION_BOUNDS[tail][1]
+    return None
+
+
+def check_option_bounds(options: Any, where: str) -> None:
+    """Refuse a numeric option outside :data:`OPTION_BOUNDS` (also inside nested mappings such
+    as ``inner_options``), one line naming the option, its bounds and the fix."""
+    if not isinstance(options, dict):
+        return
+    for key, value in options.items():
+        if isinstance(value, dict):
+            check_option_bounds(value, f"{where}.{key}")
+            continue
+        bounds = _bound_for(str(key))
+        if bounds is None or value is None:
+            continue
+        lo, hi = bounds
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(value, float) and (not math.isfinite(value) or value != int(value))):
+            raise ConfigError(f"{where}.{key}: expected an integer between {lo} and {hi}, got "
+                              f"{value!r}")
+        if not lo <= value <= hi:
+            raise ConfigError(f"{where}.{key}: must be between {lo} and {hi}, got {int(value)}; "
+                              f"give e.g. {key}: {max(lo, min(hi, 10))}")
+
+
+def check_top_level(raw: Any, source: str) -> None:
+    """A config is a mapping; an empty file, ``/dev/null`` or a YAML list is named as such."""
+    if raw is None:
+        raise ConfigError(f"{source}: the config is empty; write a mapping with at least "
+                          "datasets, defenses and attacks (see bench/presets/smoke.yaml) or use "
+                          "a preset (smoke, quick, full)")
+    if not isinstance(raw, dict):
+        kind = {list: "a list", str: "a plain string"}.get(type(raw), type(raw).__name__)
+        raise ConfigError(f"{source}: the top level must be a mapping of keys (datasets:, "
+                          f"defenses:, attacks:, ...), got {kind}; see bench/presets/smoke.yaml")
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The YAML of a config file, read safely: only a regular file (a FIFO, a device such as
+    ``/dev/zero`` or a folder is refused before it is opened), at most
+    :data:`MAX_CONFIG_BYTES`, parsed with ``yaml.safe_load`` (no ``!!python`` tags)."""
+    import os
+    import stat
+
+    p = Path(path)
+    try:
+        st = os.stat(p)
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read the file ({exc.strerror or exc}); give a preset or "
+                          "a YAML file") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "a socket" if stat.S_ISSOCK(st.st_mode) else "not a regular file")
+        raise ConfigError(f"{p} is {kind}, not a config file; give a preset (smoke, quick, full) "
+                          "or a YAML file")
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p} is {st.st_size} bytes, more than a config may be "
+                          f"({MAX_CONFIG_BYTES} bytes); give a YAML config file")
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:  # it grew while being read
+            raise ConfigError(f"{p} holds more than {MAX_CONFIG_BYTES} bytes; give a YAML "
+                              "config file")
+        return yaml.safe_load(data.decode("utf-8"))
+    except yaml.YAMLError as exc:
+        line = getattr(getattr(exc, "problem_mark", None), "line", None)
+        where = f" at line {line + 1}" if line is not None else ""
+        tag = " (tags such as !!python are not allowed)" if isinstance(
+            exc, yaml.constructor.ConstructorError) else ""
+        raise ConfigError(f"{p}: not valid YAML{where}{tag}; fix the syntax") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{p}: cannot read the file ({exc}); give a YAML text file") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply to be a config; write it out plainly") from None
+
+
+def parse_option(kv: str, flag: str = "--option") -> tuple[str, Any]:
+    """``KEY=VALUE`` from the command line, VALUE parsed with ``yaml.safe_load``: invalid YAML,
+    a ``!!python`` tag or a non-identifier KEY is a one-line :class:`ConfigError`."""
+    k, sep, v = str(kv).partition("=")
+    k = k.strip()
+    if not sep or not k:
+        raise ConfigError(f"{flag} {kv!r}: write KEY=VALUE, e.g. {flag} steps=10")
+    if not k.isidentifier():
+        raise ConfigError(f"{flag} {kv!r}: {k!r} is not an option name; write KEY=VALUE, e.g. "
+                          f"{flag} steps=10")
+    if len(v) > MAX_OPTION_CHARS:
+        raise ConfigError(f"{flag} {k}: the value is longer than {MAX_OPTION_CHARS} characters")
+    try:
+        value = yaml.safe_load(v)
+    except yaml.constructor.ConstructorError:
+        raise ConfigError(f"{flag} {k}={v!r}: YAML tags such as !!python are not allowed; give "
+                          "a plain value (a number, a string, [a, list] or {a: mapping})") from None
+    except yaml.YAMLError:
+        raise ConfigError(f"{flag} {k}={v!r}: not a valid YAML value; quote a string "
+                          f"({k}='...') or fix the brackets") from None
+    except RecursionError:
+        raise ConfigError(f"{flag} {k}: nested too deeply; write the value plainly") from None
+    _check_size(value, flag)
+    return k, value
+
+
+def parse_options(pairs: list[str], flag: str = "--option", where: str = "--option"
+                  ) -> dict[str, Any]:
+    """Several ``KEY=VALUE`` (:func:`parse_option`), bounds-checked (:data:`OPTION_BOUNDS`)."""
+    out = dict(parse_option(kv, flag) for kv in pairs)
+    check_option_bounds(out, where)
+    return out
+
+
 def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
     """Validate a raw mapping (from YAML or flags) into a :class:`BenchmarkConfig`."""
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: the top level must be a mapping of keys, got "
-                          f"{type(raw).__name__}")
+    check_top_level(raw, source)
     _check_size(raw, source)
     unknown = set(raw) - _TOP_KEYS - {"n", "epsilons"}
     if unknown:
@@ -428,16 +561,7 @@ def load_config(path_or_preset: str) -> BenchmarkConfig:
         presets = sorted(x.stem for x in PRESETS_DIR.glob("*.yaml"))
         raise ConfigError(f"no preset or config file '{path_or_preset}'; use a preset "
                           f"({', '.join(presets)}) or a path to a YAML file")
-    try:
-        raw = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as exc:
-        line = getattr(getattr(exc, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError(f"{p}: not valid YAML{where}; fix the syntax") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read the file ({exc})") from None
-    except RecursionError:
-        raise ConfigError(f"{p}: nested too deeply to be a config; write it out plainly") from None
+    raw = read_config_file(p)
     return config_from_dict(raw, source=str(p))
 
 

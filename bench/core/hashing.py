@@ -58,5 +58,6 @@ def state_dict_sha256(model_or_state: nn.Module | Mapping[str, Any]) -> str:
             continue
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # the bytes through the buffer protocol (no copy of a large tensor)
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
     return h.hexdigest()

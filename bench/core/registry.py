@@ -114,9 +114,14 @@ class Registry(Generic[T]):
         return obj
 
     def create(self, name: str, **kwargs: Any) -> T:
-        """Build a fresh component; ``None`` kwargs are dropped so defaults win."""
+        """Build a fresh component; a ``None`` kwarg for a parameter the factory declares is
+        dropped so its default wins. A ``None`` for a name it does not declare (a misspelt
+        option, ``stesp: null``) is passed on, so it is refused as an unknown option instead of
+        vanishing (a factory taking ``**kwargs`` cannot be checked: there it is dropped)."""
         factory = self.get(name)
-        kwargs = {k: v for k, v in kwargs.items() if v is not None}
+        declared = _declared_parameters(factory)
+        kwargs = {k: v for k, v in kwargs.items()
+                  if v is not None or (declared is not None and k not in declared)}
         try:
             return factory(**kwargs)
         except TypeError as exc:
@@ -131,6 +136,20 @@ class Registry(Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {len(self._entries)} entries)"
+
+
+def _declared_parameters(factory: Any) -> set[str] | None:
+    """The keyword parameters ``factory`` declares, or None when it takes ``**kwargs`` (or has
+    no readable signature)."""
+    import inspect
+
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
 
 
 DEFENSES: Registry = Registry("defense", entry_point_group="robustmatrix.defenses",

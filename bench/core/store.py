@@ -97,8 +97,13 @@ class ResultStore:
                                  "or pass --run-dir pointing at an existing run")
             uri = self.path.resolve().as_uri() + "?mode=ro"
             try:
-                self.conn = sqlite3.connect(uri, uri=True, timeout=30)
-                self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                try:
+                    self.conn = sqlite3.connect(uri, uri=True, timeout=30)
+                    self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+                except sqlite3.OperationalError as exc:
+                    if "unable to open" not in str(exc) or os.access(self.path.parent, os.W_OK):
+                        raise
+                    self.conn = self._open_read_only_folder()
             except sqlite3.DatabaseError as exc:
                 raise StoreError(f"cannot read the result store {self.path} ({exc}); it is not a "
                                  "robustmatrix store or it is damaged: pass --run-dir pointing at "
@@ -113,6 +118,19 @@ class ResultStore:
                                  "file is a robustmatrix store, or choose another --run-dir"
                                  ) from exc
         self.conn.row_factory = sqlite3.Row
+
+    def _open_read_only_folder(self) -> sqlite3.Connection:
+        """A store in a folder this process cannot write (a read-only mount, another user's
+        run): SQLite cannot create the WAL index there, so it is opened as immutable, which is
+        exact when no write is pending in ``results.sqlite-wal`` (a finished run leaves none)."""
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise StoreError(f"the run directory {self.path.parent} is read-only and the store's "
+                             f"latest writes are still in {wal.name}; copy the run directory "
+                             "somewhere writable (cp -r) and pass --run-dir pointing at the copy")
+        conn = sqlite3.connect(self.path.resolve().as_uri() + "?mode=ro&immutable=1", uri=True)
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
 
     def _open_writable(self, wait: float = 30.0) -> sqlite3.Connection:
         """Connect, switch to WAL and create the schema. Two runs opening one NEW store at the

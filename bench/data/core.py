@@ -13,7 +13,11 @@ source kind, split, resolution and the ids, is the same on every machine.
 Cache. Images decoded from a folder tree are stored as uint8 tensors in
 ``<cache_dir>/decoded/<name>.safetensors``, keyed by dataset, source, split, resolution and a
 cheap signature of the tree (relative file names and sizes), so a second load reads one file
-instead of decoding thousands of JPEGs.
+instead of decoding thousands of JPEGs. Each file carries the sha256 of what it holds (images,
+labels, ids), checked on every read together with the tensors' dtype, shape and label range;
+a file that fails (modified on disk, or written before content hashes) is decoded again, with
+one warning line. The pixel hash of the images a run evaluates
+(:attr:`LabeledImages.pixel_sha256`) is part of every cell's key and provenance.
 """
 
 from __future__ import annotations
@@ -91,6 +95,20 @@ class LabeledImages:
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    @property
+    def pixel_sha256(self) -> str:
+        """sha256 of the pixels and labels themselves (:func:`state_dict_sha256` of the two
+        tensors): part of every cell's key and provenance, so a cell computed on other pixels
+        under the same sample ids (a modified cache, a changed decoder) is never reused."""
+        from bench.core.hashing import state_dict_sha256
+
+        cached = self.__dict__.get("_pixel_sha256")
+        if cached is None or cached[0] is not self.images or cached[1] is not self.labels:
+            cached = (self.images, self.labels,
+                      state_dict_sha256({"images": self.images, "labels": self.labels}))
+            self.__dict__["_pixel_sha256"] = cached
+        return cached[2]
 
     @property
     def resolution(self) -> int:
@@ -304,7 +322,22 @@ def _cache_file(cache_root: Path, dataset: str, source: str, split: str, resolut
     return cache_root / "decoded" / f"{dataset}-{split}-{source}-{resolution}px-{key}.safetensors"
 
 
-def _read_cache(path: Path) -> tuple[Tensor, Tensor, list[str], list[str]] | None:
+def cache_content_sha256(images: Tensor, labels: Tensor, ids: list[str],
+                         skipped: list[str]) -> str:
+    """What a decoded-cache file holds, hashed: the uint8 images, the labels, the sample ids and
+    the skipped-image notes (checked on every read)."""
+    from bench.core.hashing import json_sha256, state_dict_sha256
+
+    return json_sha256({"tensors": state_dict_sha256({"images": images, "labels": labels}),
+                        "ids": ids, "skipped": skipped}, default=None)
+
+
+def _read_cache(path: Path, *, resolution: int | None = None, num_classes: int | None = None
+                ) -> tuple[Tensor, Tensor, list[str], list[str]] | None:
+    """The cached decode, or None (then the tree is decoded again) when the file is unreadable,
+    of another format, or does not prove its content: no content hash, a hash that does not
+    match (the file was modified), or tensors that cannot be this dataset's (wrong dtype or
+    shape, labels out of range). Each refusal is ONE warning line naming the file."""
     if not path.is_file():
         return None
     try:
@@ -314,12 +347,34 @@ def _read_cache(path: Path) -> tuple[Tensor, Tensor, list[str], list[str]] | Non
             meta = f.metadata() or {}
             images, labels = f.get_tensor("images"), f.get_tensor("labels")
         ids, skipped = json.loads(meta["sample_ids"]), json.loads(meta["skipped"])
-        if meta.get("format") != CACHE_FORMAT or len(ids) != images.shape[0]:
+        if meta.get("format") != CACHE_FORMAT:
             return None
-        return images, labels, ids, skipped
     except Exception as exc:  # noqa: BLE001 - a broken cache file is re-decoded, not fatal
-        log.warning("ignoring unreadable cache file %s (%s)", path, exc)
+        log.warning("ignoring unreadable decoded cache %s (%s); decoding again", path,
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
         return None
+    problem = None
+    if not isinstance(ids, list) or not isinstance(skipped, list):
+        problem = "its sample ids are not a list"
+    elif meta.get("content_sha256") is None:
+        problem = "it carries no content hash (written by an older version)"
+    elif cache_content_sha256(images, labels, ids, skipped) != meta["content_sha256"]:
+        problem = "it does not match its content hash (modified on disk)"
+    elif (images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3
+          or (resolution is not None and tuple(images.shape[2:]) != (resolution, resolution))):
+        problem = f"its images have dtype {images.dtype} and shape {tuple(images.shape)}"
+    elif labels.dtype != torch.int64 or tuple(labels.shape) != (len(ids),) or len(ids) != len(
+            images):
+        problem = (f"its {len(images)} images, {tuple(labels.shape)} {labels.dtype} labels and "
+                   f"{len(ids)} ids do not match")
+    elif len(labels) and (int(labels.min()) < 0 or (
+            num_classes is not None and int(labels.max()) >= num_classes)):
+        problem = f"its labels are outside 0..{(num_classes or 1) - 1}"
+    if problem:
+        log.warning("decoded cache %s cannot be trusted: %s; decoding the images again", path,
+                    problem)
+        return None
+    return images, labels, ids, skipped
 
 
 def _write_cache(path: Path, images: Tensor, labels: Tensor, ids: list[str],
@@ -329,9 +384,12 @@ def _write_cache(path: Path, images: Tensor, labels: Tensor, ids: list[str],
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file({"images": images.contiguous(), "labels": labels.contiguous()}, str(tmp),
+        images, labels = images.contiguous(), labels.contiguous()
+        save_file({"images": images, "labels": labels}, str(tmp),
                   metadata={"format": CACHE_FORMAT, "sample_ids": json.dumps(ids),
-                            "skipped": json.dumps(skipped)})
+                            "skipped": json.dumps(skipped),
+                            "content_sha256": cache_content_sha256(images, labels, ids,
+                                                                   skipped)})
         os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the new one
     except OSError as exc:
         log.warning("could not write the decoded cache %s (%s); continuing without it", path, exc)
@@ -449,7 +507,7 @@ class ImageDataset:
         listing = list_tree(split_dir, self.folder_names, req.on_bad_image)
         cache = _cache_file(req.cache_root, self.name, source, req.split, req.resolution,
                             listing.signature())
-        cached = _read_cache(cache)
+        cached = _read_cache(cache, resolution=req.resolution, num_classes=len(self.classes))
         if cached is not None:
             images, labels, ids, skipped = cached
             log.debug("read %d decoded images from %s", len(ids), cache)

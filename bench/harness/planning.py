@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from attacks.base import Attack
 from bench.core.config import BenchmarkConfig, ComponentSpec, DatasetSpec
-from bench.core.registry import ATTACKS
+from bench.core.registry import ATTACKS, RegistryError
 from bench.core.schema import CLEAN
 
 
@@ -37,9 +37,16 @@ def attack_threats(spec: ComponentSpec) -> tuple[str, ...]:
 
 
 def create_attack(spec: ComponentSpec, threat: str | None, seed: int = 0) -> Attack:
+    from bench.core.config import ConfigError
+
     opts = dict(spec.options)
     opts.pop("threat", None)
-    return ATTACKS.create(spec.name, threat=threat, seed=seed, **opts)
+    try:
+        return ATTACKS.create(spec.name, threat=threat, seed=seed, **opts)
+    except ValueError as exc:  # an attack refusing its options (RegistryError is one too)
+        if isinstance(exc, (ConfigError, RegistryError)):
+            raise
+        raise ConfigError(f"attack '{spec.label}': {exc}; fix its options in the config") from None
 
 
 def expand(cfg: BenchmarkConfig) -> list[CellPlan]:

@@ -138,7 +138,9 @@ class MatrixRunner:
         x_all = data.images.to(self.device)
         y_all = data.labels.to(self.device)
         fingerprint = defense.fingerprint() if hasattr(defense, "fingerprint") else ""
-        base = {"schema": SCHEMA_VERSION, "data": data.fingerprint, "dataset": ds.name,
+        pixels = data.pixel_sha256  # the images themselves, not only their ids
+        base = {"schema": SCHEMA_VERSION, "data": data.fingerprint, "pixels": pixels,
+                "dataset": ds.name,
                 "dataset_options": ds.options, "defense": de.name, "defense_options": de.options,
                 "defense_sha256": fingerprint, "seed": cfg.seed,
                 "batch_size": self._resolve_batch_size(defense, x_all),
@@ -148,7 +150,7 @@ class MatrixRunner:
                      "checkpoint_sha256": fingerprint, "artifact": info,
                      "structure": (defense.structure.as_dict()
                                    if hasattr(defense, "structure") else {}),
-                     "sample_ids_sha256": _hash(data.sample_ids),
+                     "sample_ids_sha256": _hash(data.sample_ids), "pixels_sha256": pixels,
                      "executor": self.executor.describe()}
         context = RunContext(dataset=ds.name, dataset_options=ds.options, device=self.device,
                              fit_preset=cfg.fit_preset, run_dir=str(self.run_dir),
@@ -177,7 +179,7 @@ class MatrixRunner:
                 deps = prior_keys.setdefault((plan.threat, plan.eps), [])
                 spec["depends_on"] = list(deps)
                 subset = self._still_robust(deps, clean_scored, len(y_all))
-            key = _hash(spec)
+            key = self._key(spec, pixels)
             summary.keys.append(key)
             if plan.attack is not None:
                 prior_keys.setdefault((plan.threat, plan.eps), []).append(key)
@@ -196,6 +198,25 @@ class MatrixRunner:
             self._run_cell(plan, key, spec, prov_base, defense, attack, x_all, y_all, data,
                            subset, clean_scored, defense_flags, summary, context)
             summary.cells_computed += 1
+
+    def _key(self, spec: dict, pixels: str) -> str:
+        """The cell key: the sha256 of its spec, which holds the pixel hash of the evaluated
+        images. A store written before keys held it has the cell under the key of the spec
+        without ``pixels``; such a cell is reused (and a partial one resumed) when its
+        provenance records no pixel hash or this one, so an existing run keeps its results."""
+        key = _hash(spec)
+        if self.store.cell(key) is not None:
+            return key
+        legacy = _hash({k: v for k, v in spec.items() if k != "pixels"})
+        old = self.store.cell(legacy)
+        if old is None or old.provenance.get("pixels_sha256") not in (None, pixels):
+            return key
+        if not getattr(self, "_legacy_noted", False):
+            self._legacy_noted = True
+            self.log("this run directory holds cells stored before cell keys carried the pixel "
+                     "hash of the images; reusing them (their provenance records the hash from "
+                     "now on)")
+        return legacy
 
     def _clean_from_store(self, key: str) -> Scored:
         rows = self.store.samples(key)

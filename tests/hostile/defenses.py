@@ -63,3 +63,15 @@ class Forks(_Base):
 class RaisesInInit(Defense):
     def __init__(self, dataset="test_tiny"):
         raise RuntimeError("broken constructor")
+
+
+#: when this file exists, SleepsLater's forward sleeps: it behaves at submission and hangs when
+#: `verify` or `sweep` runs it again
+SLEEP_MARKER = os.path.join(tempfile.gettempdir(), f"robustmatrix-sleep-later-{os.getuid()}")
+
+
+class SleepsLater(_Base):
+    def forward(self, x):
+        if os.path.exists(SLEEP_MARKER):
+            time.sleep(3600)
+        return super().forward(x)

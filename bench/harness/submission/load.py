@@ -212,33 +212,41 @@ def resolve_run_dir(entry: dict[str, Any]) -> Path:
 
 
 def register_from_entry(entry: dict[str, Any], *, use_snapshot: bool = False) -> tuple[str, dict]:
-    """Register the entry's defense again from its CURRENT source (or the snapshot taken at
-    submission); returns the registry name and notes on what changed."""
+    """Register the entry's defense again, importing ONLY code whose sha256 is the one the
+    entry records: the current source file when it is unchanged, else the snapshot taken at
+    submission (``notes["source_changed"]``). The sha256 is checked BEFORE anything is
+    imported, so an edited entry (its source path pointed at other code) or an edited file runs
+    nothing; with neither an intact file nor an intact snapshot it is an :class:`EntryError`.
+    Returns the registry name and notes on what was used."""
     from leaderboard.entries import EntryError
 
     src = dict(entry["defense"]["source"])
     notes: dict[str, Any] = {"source_changed": False}
     if src["kind"] == "registry":
         return src["name"], notes
+    recorded = src.get("sha256")
     path = Path(src.get("path") or "")
     snap = resolve_run_dir(entry) / src["snapshot"] if src.get("snapshot") else None
-    if use_snapshot or not path.is_file():
-        if snap is None or not snap.is_file():
-            raise EntryError(f"the source of {entry['entry_id']!r} ({path}) and its snapshot "
-                             "are both gone; restore the file")
+    current = _file_sha256(path) if path.is_file() else None
+    notes["source_sha256"] = current
+    notes["source_changed"] = recorded is not None and current != recorded
+    if not use_snapshot and current is not None and (recorded is None or current == recorded):
+        chosen = path  # the submitted file, unchanged
+    else:
+        snap_sha = _file_sha256(snap) if snap is not None and snap.is_file() else None
+        if snap_sha is None or (recorded is not None and snap_sha != recorded):
+            what = ("is gone" if current is None else f"has sha256 {current[:12]}, the entry "
+                    f"records {str(recorded)[:12]}")
+            raise EntryError("nothing was imported: the snapshot taken at submission is "
+                             + ("gone" if snap_sha is None else "modified") + f" and the source "
+                             f"{path} {what}; restore the submitted file")
         notes["used_snapshot"] = True
-        path = snap
-    sha = _file_sha256(path)
-    notes["source_changed"] = sha != src.get("sha256")
-    notes["source_sha256"] = sha
-    if src["kind"] == "file":
-        obj, new_src = load_submission(f"{path}:{src['class']}")
+        chosen = snap
+    if src["kind"] == "file" or chosen != path:
+        obj, new_src = load_submission(f"{chosen}:{src['class']}")
     else:
         obj, new_src = load_submission(src["spec"])
-    if notes["source_changed"]:
-        label = entry["defense"]["label"]
-        return register_submission(obj, new_src, label), notes
-    return register_submission(obj, {**new_src, "sha256": src.get("sha256")},
+    return register_submission(obj, {**new_src, "sha256": recorded or new_src.get("sha256")},
                                entry["defense"]["label"]), notes
 
 

@@ -594,4 +594,57 @@ def submit_isolated(spec: str, meta: Any, opts: Any, **limits: Any) -> SandboxRe
     o = asdict(opts) if hasattr(opts, "__dataclass_fields__") else dict(opts)
     limits.setdefault("label", f"submission {spec}")
     limits.setdefault("capture_output", False)
+    limits.setdefault("env", harness_env())
     return run_isolated(_submit_child, spec, m, o, **limits)
+
+
+def harness_env() -> dict[str, str | None]:
+    """The harness's own environment variables (cache, data and weights roots, the test
+    hooks), passed to a child explicitly: a forkserver started earlier holds an older
+    environment."""
+    keys = ("ROBUSTMATRIX_CACHE", "ROBUSTMATRIX_DATA", "ROBUSTMATRIX_WEIGHTS")
+    return {k: os.environ.get(k) for k in keys}
+
+
+def _verify_child(path: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    from bench.harness.submission.verify import verify_entry
+
+    def log(msg: str) -> None:
+        print(f"robustmatrix: {msg}", file=sys.stderr, flush=True)
+
+    rep = verify_entry(path, log=log, **kwargs)
+    return json.loads(json.dumps(rep.as_dict(), default=str))
+
+
+def verify_isolated(path: str, *, rerun: int, seed: int, device: str, use_snapshot: bool,
+                    **limits: Any) -> SandboxResult:
+    """``verify_entry`` in a sandboxed child (the entry's defense is submitted code: the child
+    imports it, rebuilds and re-attacks it); ``value`` is the report as a dict
+    (:meth:`VerifyReport.from_dict`)."""
+    limits.setdefault("label", f"verification of {path}")
+    limits.setdefault("capture_output", False)
+    limits.setdefault("env", harness_env())
+    return run_isolated(_verify_child, str(path), {"rerun": rerun, "seed": seed,
+                                                   "device": device,
+                                                   "use_snapshot": use_snapshot}, **limits)
+
+
+def _sweep_child(path: str, eps: list[float], attack: Any, device: str | None,
+                 progress: bool) -> dict[str, Any]:
+    from bench.harness.submission.sweep import run_sweep
+
+    def log(msg: str) -> None:
+        print(f"robustmatrix: {msg}", file=sys.stderr, flush=True)
+
+    out = run_sweep(path, eps, attack=attack, device=device, progress=progress, log=log)
+    return json.loads(json.dumps(out, default=str))
+
+
+def sweep_isolated(path: str, eps: list[float], *, attack: Any, device: str | None = None,
+                   progress: bool = False, **limits: Any) -> SandboxResult:
+    """``run_sweep`` in a sandboxed child (it writes the store and the entry itself); ``value``
+    is the entry's new ``sweep`` record."""
+    limits.setdefault("label", f"sweep of {path}")
+    limits.setdefault("capture_output", False)
+    limits.setdefault("env", harness_env())
+    return run_isolated(_sweep_child, str(path), list(eps), attack, device, progress, **limits)

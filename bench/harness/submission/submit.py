@@ -61,7 +61,8 @@ def _probe(data, n: int = 32):
     return data.images[idx], data.labels[idx]
 
 
-def _matching_cells(store, cfg, registry_name: str, fingerprint: str, data_fp: str) -> list:
+def _matching_cells(store, cfg, registry_name: str, fingerprint: str, data_fp: str,
+                    pixels: str | None = None) -> list:
     """This submission's finished cells: its defense (name and weights), data and seed; attack
     cells for the configured threats/epsilons, with the configured options for suite labels
     (a label re-used with other options in an earlier run of the same folder is left out)."""
@@ -71,7 +72,8 @@ def _matching_cells(store, cfg, registry_name: str, fingerprint: str, data_fp: s
     for c in store.cells("done"):
         s = c.spec
         if (s.get("defense") != registry_name or s.get("defense_sha256") != fingerprint
-                or s.get("data") != data_fp or s.get("seed") != cfg.seed):
+                or s.get("data") != data_fp or s.get("seed") != cfg.seed
+                or s.get("pixels") not in (None, pixels)):  # None: stored before pixel hashes
             continue
         if c.attack == "clean":
             out.append(c)
@@ -151,7 +153,8 @@ def submit(spec: str, meta: Metadata, opts: SubmitOptions, *,
     if summary.errors:
         raise SubmitError(f"the evaluation reported errors: {summary.errors[0]}")
     fingerprint = _runner_fingerprint(runner.store, registry_name)
-    cells = _matching_cells(runner.store, cfg, registry_name, fingerprint, data.fingerprint)
+    cells = _matching_cells(runner.store, cfg, registry_name, fingerprint, data.fingerprint,
+                            data.pixel_sha256)
 
     source["snapshot"] = _rel(snapshot(Path(source["path"]) if source.get("path") else None,
                                        run_dir / "source"), run_dir)

@@ -71,7 +71,9 @@ def run_sweep(entry_path: str | Path, eps_values: list[float], *,
     keys = [c.key for c in runner.store.cells("done")
             if c.spec.get("defense") == name and c.spec.get("defense_sha256") == fingerprint
             and c.spec.get("seed") == cfg.seed and c.spec.get("data") == prov.get(
-                "data_fingerprint") and (c.attack == "clean" or (
+                "data_fingerprint") and (prov.get("pixels_sha256") is None
+                                     or c.spec.get("pixels") in (None, prov["pixels_sha256"]))
+            and (c.attack == "clean" or (
                     c.spec.get("attack") == spec.name and c.spec.get("attack_options") ==
                     spec.options and c.threat == entry["threat"]
                     and round(float(c.eps), 8) in wanted))]

@@ -8,8 +8,10 @@ Checks, in order (each a :class:`Check` with ``ok`` and a one-line ``detail``):
    per-sample AND) equal the entry's counts exactly.
 3. ``adversarials``: every stored batch of adversarial tensors still hashes to the sha256 in the
    entry and in the store (changed or missing adversarials: a stale entry).
-4. ``weights``: the defense rebuilt from its source (with the recorded trained weights) has the
-   checkpoint sha256 of the entry (changed weights or code: a stale entry).
+4. ``source`` / ``weights``: the source file still has the sha256 the entry records, checked
+   BEFORE it is imported (a changed or re-pointed file is never imported; the snapshot taken at
+   submission is used instead, and this check fails); the defense rebuilt from it (with the
+   recorded trained weights) has the checkpoint sha256 of the entry (else: a stale entry).
 5. ``data``: the evaluation images are the recorded ones (sample ids).
 6. ``rescore``: the defense re-run on the stored adversarials (and clean images) gives
    accuracies inside the entry's 95% intervals, with per-sample agreement reported.
@@ -69,6 +71,15 @@ class VerifyReport:
     def as_dict(self) -> dict[str, Any]:
         return {"entry": self.entry, "verified": self.ok,
                 "checks": [asdict(c) for c in self.checks]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VerifyReport:
+        """The report :meth:`as_dict` gave (e.g. from the sandboxed child of ``verify``)."""
+        rep = cls(str(d["entry"]))
+        for c in d.get("checks") or []:
+            rep.checks.append(Check(str(c["name"]), bool(c["ok"]), str(c["detail"]),
+                                    dict(c.get("data") or {})))
+        return rep
 
 
 def _within(value: float, acc: dict[str, Any], slack: float = 1e-9) -> bool:
@@ -168,9 +179,20 @@ def verify_entry(path: str | Path, *, rerun: int = 2, seed: int = 0, device: str
         store.close()
         return rep
     defense.to(device).eval()
+    if entry["defense"]["source"].get("kind") != "registry":
+        changed = bool(notes.get("source_changed"))
+        src_path = entry["defense"]["source"].get("path")
+        rep.add("source", not changed,
+                "the source file has the recorded sha256 (checked before importing it)"
+                if not changed else
+                f"the source {src_path} is not the submitted file (sha256 "
+                f"{str(notes.get('source_sha256'))[:12]}, the entry records "
+                f"{str(entry['defense']['source'].get('sha256'))[:12]}): it was not imported; "
+                "the snapshot taken at submission was checked instead (stale entry)",
+                source_changed=changed)
     fp = defense.fingerprint() if hasattr(defense, "fingerprint") else ""
     want = prov.get("checkpoint_sha256")
-    note = " (the source file changed since submission)" if notes.get("source_changed") else ""
+    note = (" (of the snapshot taken at submission)" if notes.get("used_snapshot") else "")
     rep.add("weights", fp == want, f"checkpoint sha256 {fp[:12]} matches{note}" if fp == want else
             f"checkpoint sha256 is {fp[:12]}, the entry records {str(want)[:12]}: the defense's "
             f"weights changed since submission (stale entry){note}", source_changed=bool(
@@ -189,8 +211,15 @@ def verify_entry(path: str | Path, *, rerun: int = 2, seed: int = 0, device: str
                if k in ("root", "source", "resolution", "split")}
     data = load_eval(entry["dataset"], entry["n"], seed=prov.get("seed", 0), **ds_opts)
     ids_ok = list(data.sample_ids) == list(prov.get("sample_ids") or [])
-    rep.add("data", ids_ok, f"the {len(data)} evaluation images are the recorded ones" if ids_ok
-            else "the evaluation images differ from the recorded sample ids")
+    want_pixels = prov.get("pixels_sha256")  # entries written before pixel hashes have none
+    pixels_ok = want_pixels is None or data.pixel_sha256 == want_pixels
+    rep.add("data", ids_ok and pixels_ok,
+            (f"the {len(data)} evaluation images are the recorded ones"
+             + (" (sample ids and pixel sha256)" if want_pixels else " (sample ids)"))
+            if ids_ok and pixels_ok else
+            "the evaluation images differ from the recorded sample ids" if not ids_ok else
+            f"the evaluation images have pixel sha256 {data.pixel_sha256[:12]}, the entry records "
+            f"{str(want_pixels)[:12]}: the data (or its decoded cache) changed since submission")
     x_all, y_all = data.images.to(device), data.labels.to(device)
     draws = int(prov.get("random_draws") or 5)
     cfg_seed = int(prov.get("seed") or 0)
