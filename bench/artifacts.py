@@ -208,7 +208,7 @@ SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
         "ba57d9a6416872fab580ea23bfbe79f4fd79ea99b71b904b6bbd215accff1db5"),
     ("aae_detector", "cifar10", None, "standard"): Shipped(
         "aae_detector-cifar10-standard.safetensors",
-        "626479a7dadf3853373943662ac0be1fe72e3e5449980981aa30b50475ca6f46"),
+        "a1c26288cee5e9dc6d79425099decc5719a89b6491e8b89d4a6afa97d13d6281"),
     ("plain_ae", "cifar10", None, "standard"): Shipped(
         "plain_ae-cifar10-standard.safetensors",
         "a947a6e50ae49c1674171183a3cd56f6e16551fcec766a90d435a4689f583328"),
