@@ -301,3 +301,25 @@ def test_model_card_renders_the_fit_info_of_every_trainable_defense_kind():
                       sha256="0" * 64, meta=meta, measured=[], source_runs=[],
                       fit_info={"seconds": {"robust": 60.0, "dictionaries": 30.0}})
     assert "1.5 min (robust 1.0, dictionaries 0.5)" in srd
+
+
+def test_ship_onto_the_shipped_file_refreshes_only_the_measured_section(tmp_path):
+    """`fit X --ship --card-results RUN` for a defense whose pinned artifact the harness
+    loaded: the file is not copied onto itself (it raised SameFileError), the card keeps what
+    the fit wrote and gets the measured rows."""
+    from bench.model_card import MEASURED_HEADING, ship
+
+    dest = tmp_path / "srd-cifar10-quick.safetensors"
+    dest.write_bytes(b"weights")
+    card = dest.with_suffix(".md")
+    card.write_text("# card\n\nrecipe kept\n\n" + MEASURED_HEADING + "\n\nNot measured yet.\n")
+    def acc(a):
+        return {"accuracy": a, "ci_low": a - 0.05, "ci_high": a + 0.05}
+
+    rows = [{"dataset": "cifar10", "threat": "linf", "eps": 8 / 255, "n": 100,
+             "clean": acc(0.46), "attacks": {"pgd": acc(0.11)}, "worst_case": acc(0.11)}]
+    out = ship(dest, name="srd", dataset="cifar10", resolution=None, preset="quick",
+               dest_dir=tmp_path, measured=rows, source_runs=["runs/x"])
+    text = card.read_text()
+    assert out == dest and dest.read_bytes() == b"weights"
+    assert "recipe kept" in text and "Not measured yet" not in text and "| pgd |" in text
