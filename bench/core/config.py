@@ -25,7 +25,7 @@ ADAPTIVE_KEYS = ("enabled", "eot_draws", "transfer", "reject_class", "rand_autoa
                  "detector_margin")
 CHECK_KEYS = ("convergence_subset", "convergence_tol", "large_eps_subset", "defaults",
               "binarization_subset", "binarization_min_pass", "stability_subset",
-              "stability_tol", "sanity_subset")
+              "stability_tol", "sanity_subset", "binarization_inner", "sanity_queries")
 #: the sanity checks a config runs with ``checks: {defaults: true}``, each on a bounded subsample
 #: (docs/checklist.md); an explicit ``checks:`` key overrides its default. OFF by default for now:
 #: the binarization test is not yet calibrated (it also fails an undefended tiny CNN) and the
@@ -365,9 +365,12 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
         raise ConfigError(f"checks.defaults: expected true or false, got {defaults!r}")
     checks = {**(DEFAULT_CHECKS if defaults else {}), **checks}
     for k in ("convergence_subset", "large_eps_subset", "binarization_subset",
-              "stability_subset", "sanity_subset"):
+              "stability_subset", "sanity_subset", "binarization_inner", "sanity_queries"):
         if k in checks:
             checks[k] = _int(checks[k], f"checks.{k}", 0, MAX_N)
+    if checks.get("binarization_inner", 2) < 2:
+        raise ConfigError(f"checks.binarization_inner: expected at least 2 (the clean point and "
+                          f"one inner point), got {checks['binarization_inner']}")
     if "convergence_tol" in checks:
         tol = checks["convergence_tol"]
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:

@@ -182,7 +182,8 @@ def _fit_head(f_neg: torch.Tensor, f_pos: torch.Tensor, *, closeness: float = 0.
 def binarization_test(defense: nn.Module, attack, threat: str, eps: float, images: torch.Tensor,
                       labels: torch.Tensor, *, n: int = 8, n_inner: int = 999,
                       inner_gap: float = 0.05, closeness: float = 0.999, probes: int = 32,
-                      seed: int = 0, min_pass_rate: float = 0.9) -> dict[str, Any]:
+                      seed: int = 0, min_pass_rate: float = 0.9,
+                      tasks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The binarization test on ``n`` evaluation points (Zimmermann et al. 2022; settings of the
     reference implementation, google-research/active-adversarial-tests).
 
@@ -206,51 +207,29 @@ def binarization_test(defense: nn.Module, attack, threat: str, eps: float, image
     invalid and one a random probe solves is not scored. ``n_inner`` (the reference's 999),
     ``inner_gap`` (0.05), ``closeness`` (0.999) and ``probes`` are configurable.
     Not applicable when the defense exposes no ``classifier`` with a final ``nn.Linear``.
+    ``tasks`` (from :func:`binary_tasks`) reuses the binary tasks of another attack of the same
+    row (they depend on the defense, threat, epsilon and points only).
     """
     code = "binarization"
-    clf = getattr(defense, "classifier", None)
-    if not isinstance(clf, nn.Module) or final_linear(clf) is None:
-        return _status(code, "n/a", "the defense exposes no classifier with a final linear "
-                       "layer (no feature layer to binarize)")
-    if getattr(defense, "detect", None) is not None and \
-            getattr(getattr(defense, "structure", None), "has_detector", False):
-        return _status(code, "n/a", "detector defense: the binary task has no reject option")
-    gen = torch.Generator().manual_seed(seed)
+    why = binarization_unavailable(defense)
+    if why:
+        return _status(code, "n/a", why)
+    if tasks is None:
+        tasks = binary_tasks(defense, threat, eps, images[:n], n_inner=n_inner,
+                             inner_gap=inner_gap, closeness=closeness, probes=probes, seed=seed)
     passed = valid = trivial = 0
     points: list[int | None] = []  # per point: 1 found, 0 missed, None invalid / not scored
     errors: list[str] = []
-    x_all, _ = images[:n], labels[:n]
-    for i in range(len(x_all)):
-        x0 = x_all[i]
-        inner = torch.cat([x0.unsqueeze(0),
-                           _ball_sample(x0, eps, threat, 1.0 - inner_gap, n_inner - 1, gen)])
-        boundary = _boundary_point(x0, eps, threat, gen)
-        with checks_.seeded(x0, seed):
-            f_neg, f_pos = _features(defense, inner), _features(defense, boundary)
-            with torch.no_grad():
-                logits = defense(inner[:256]).float()
-        head = _fit_head(f_neg.cpu(), f_pos.cpu(), closeness=closeness,
-                         logit_range=float(logits.max() - logits.min()))
-        if head is None:
-            points.append(None)
-            continue
-        bin_def = BinarizedDefense(defense, head.to(x0.device))
-        half = probes // 2
-        probe = torch.cat([_ball_sample(x0, eps, threat, 1.0, half, gen),
-                           _ball_sample(x0, eps, threat, 1.0, probes - half, gen,
-                                        surface=True)]) if probes > 0 else None
-        with torch.no_grad(), checks_.seeded(x0, seed):
-            ok = (int(bin_def(x0.unsqueeze(0)).argmax(1)) == 0 and
-                  int(bin_def(boundary).argmax(1)) == 1)
-            noise = probe is not None and bool((bin_def(probe).argmax(1) == 1).any())
-        if not ok:
+    for t in tasks:
+        if t["state"] == "invalid":
             points.append(None)
             continue
         valid += 1
-        if noise:
+        if t["state"] == "trivial":
             trivial += 1
             points.append(None)
             continue
+        x0, bin_def = t["x0"], t["model"]
         y0 = torch.zeros(1, dtype=torch.long, device=x0.device)
         try:
             adv = attack(bin_def, x0.unsqueeze(0), y0, eps, seed=seed).adv
@@ -265,9 +244,9 @@ def binarization_test(defense: nn.Module, attack, threat: str, eps: float, image
         passed += hit
         points.append(hit)
     scored = valid - trivial - len(errors)
-    extra = dict(n=len(x_all), valid=valid, trivial=trivial)
+    extra = dict(n=len(tasks), valid=valid, trivial=trivial)
     if valid == 0:
-        return _status(code, "n/a", f"no valid binary task on {len(x_all)} points (the "
+        return _status(code, "n/a", f"no valid binary task on {len(tasks)} points (the "
                        "features do not separate the boundary point)", **extra)
     if errors and scored <= 0:  # every scored task errored: the attack cannot run
         return _status(code, "n/a", f"the attack cannot run on a 2-class task ({errors[0]})",
@@ -278,10 +257,58 @@ def binarization_test(defense: nn.Module, attack, threat: str, eps: float, image
     rate = passed / scored
     status = "pass" if rate >= min_pass_rate else "fail"
     return _status(code, status, f"attack found the known adversarial on {passed}/{scored} "
-                   f"binary tasks ({rate:.0%}; {len(x_all) - valid} invalid, {trivial} solved by "
+                   f"binary tasks ({rate:.0%}; {len(tasks) - valid} invalid, {trivial} solved by "
                    "random points)",
                    pass_rate=rate, passed=passed, points=points, min_pass_rate=min_pass_rate,
                    scored=scored, **extra)
+
+
+def binarization_unavailable(defense: nn.Module) -> str | None:
+    """Why the binarization test does not apply to ``defense`` (None when it does)."""
+    clf = getattr(defense, "classifier", None)
+    if not isinstance(clf, nn.Module) or final_linear(clf) is None:
+        return ("the defense exposes no classifier with a final linear layer (no feature layer "
+                "to binarize)")
+    if getattr(defense, "detect", None) is not None and \
+            getattr(getattr(defense, "structure", None), "has_detector", False):
+        return "detector defense: the binary task has no reject option"
+    return None
+
+
+def binary_tasks(defense: nn.Module, threat: str, eps: float, images: torch.Tensor, *,
+                 n_inner: int = 999, inner_gap: float = 0.05, closeness: float = 0.999,
+                 probes: int = 32, seed: int = 0) -> list[dict[str, Any]]:
+    """The binary tasks of :func:`binarization_test`, one per image: ``{x0, model, state}``
+    with state ``ok``, ``invalid`` (the readout does not separate the boundary point, or the
+    binary model does not put x0 in class 0 and the boundary point in class 1) or ``trivial``
+    (a random probe of the ball is already class 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    out: list[dict[str, Any]] = []
+    for x0 in images:
+        inner = torch.cat([x0.unsqueeze(0),
+                           _ball_sample(x0, eps, threat, 1.0 - inner_gap, n_inner - 1, gen)])
+        boundary = _boundary_point(x0, eps, threat, gen)
+        with checks_.seeded(x0, seed):
+            f_neg, f_pos = _features(defense, inner), _features(defense, boundary)
+            with torch.no_grad():
+                logits = defense(inner[:256]).float()
+        head = _fit_head(f_neg.cpu(), f_pos.cpu(), closeness=closeness,
+                         logit_range=float(logits.max() - logits.min()))
+        if head is None:
+            out.append({"x0": x0, "model": None, "state": "invalid"})
+            continue
+        bin_def = BinarizedDefense(defense, head.to(x0.device))
+        half = probes // 2
+        probe = torch.cat([_ball_sample(x0, eps, threat, 1.0, half, gen),
+                           _ball_sample(x0, eps, threat, 1.0, probes - half, gen,
+                                        surface=True)]) if probes > 0 else None
+        with torch.no_grad(), checks_.seeded(x0, seed):
+            ok = (int(bin_def(x0.unsqueeze(0)).argmax(1)) == 0 and
+                  int(bin_def(boundary).argmax(1)) == 1)
+            noise = probe is not None and bool((bin_def(probe).argmax(1) == 1).any())
+        out.append({"x0": x0, "model": bin_def,
+                    "state": "invalid" if not ok else "trivial" if noise else "ok"})
+    return out
 
 
 def _project(adv: torch.Tensor, x: torch.Tensor, eps: float, threat: str) -> torch.Tensor:
@@ -343,18 +370,22 @@ def _broken(defense, attack, x, y, eps, seed: int, draws: int) -> torch.Tensor:
 
 def compare_attack(code: str, other: str, defense, threat: str, eps: float, x: torch.Tensor,
                    y: torch.Tensor, robust: torch.Tensor, *, seed: int = 0, draws: int = 1,
-                   options: Mapping[str, Any] | None = None, tol: int = 0) -> dict[str, Any]:
+                   options: Mapping[str, Any] | None = None, tol: int = 0,
+                   broken: torch.Tensor | None = None) -> dict[str, Any]:
     """Run ``other`` on the clean-correct subsample ``x`` and fail when it breaks more than
-    ``tol`` points the cell's attack left ``robust``."""
+    ``tol`` points the cell's attack left ``robust``. ``broken`` (the record's own ``broken``
+    from an earlier cell on the same points) skips the run: it does not depend on the cell."""
     from bench.core.registry import create_attack
 
-    try:
-        atk = create_attack(other, threat=threat, seed=seed, **dict(options or {}))
-        broken = _broken(defense, atk, x, y, eps, seed, draws)
-    except Exception as exc:  # noqa: BLE001 - reported, not raised
-        return _status(code, "n/a", f"{other} could not run ({type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0] if str(exc) else ''})")
-    only = int((broken & robust.to(broken.device)).sum())
+    if broken is None:
+        try:
+            atk = create_attack(other, threat=threat, seed=seed, **dict(options or {}))
+            broken = _broken(defense, atk, x, y, eps, seed, draws)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            return _status(code, "n/a", f"{other} could not run ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0] if str(exc) else ''})")
+    broken = broken.to(robust.device)
+    only = int((broken & robust).sum())
     return _status(code, "fail" if only > tol else "pass",
                    f"{other} broke {int(broken.sum())}/{len(y)} points, {only} of them left "
                    "robust by this attack", only=only, n=len(y),
