@@ -26,13 +26,14 @@ ADAPTIVE_KEYS = ("enabled", "eot_draws", "transfer", "reject_class", "rand_autoa
 CHECK_KEYS = ("convergence_subset", "convergence_tol", "large_eps_subset", "defaults",
               "binarization_subset", "binarization_min_pass", "stability_subset",
               "stability_tol", "sanity_subset", "binarization_inner", "sanity_queries")
-#: the sanity checks a config runs with ``checks: {defaults: true}``, each on a bounded subsample
-#: (docs/checklist.md); an explicit ``checks:`` key overrides its default. OFF by default for now:
-#: the binarization test is not yet calibrated (it also fails an undefended tiny CNN) and the
-#: cost ratio on `quick` is not yet measured (issue 15 stays open)
-DEFAULT_CHECKS: dict[str, Any] = {"convergence_subset": 16, "large_eps_subset": 16,
-                                  "binarization_subset": 8, "stability_subset": 16,
-                                  "sanity_subset": 16}
+#: the sanity checks every config runs (``checks: {defaults: false}`` turns them off), each on a
+#: bounded subsample of a cell's clean-correct points (docs/checklist.md); an explicit
+#: ``checks:`` key overrides its default. Sized so that the `quick` preset costs at most ~1.3x
+#: the run without them (benchmarks/default_checks_cost.py, docs/performance.md)
+DEFAULT_CHECKS: dict[str, Any] = {"convergence_subset": 8, "large_eps_subset": 16,
+                                  "binarization_subset": 8, "binarization_inner": 255,
+                                  "stability_subset": 16, "sanity_subset": 8,
+                                  "sanity_queries": 300}
 MAX_N = 1_000_000
 MAX_BATCH = 65_536
 
@@ -360,7 +361,7 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
     bad = sorted(set(map(str, checks)) - set(CHECK_KEYS))
     if bad:
         raise ConfigError(f"checks: unknown option {bad[0]!r}; known: {list(CHECK_KEYS)}")
-    defaults = checks.pop("defaults", False)
+    defaults = checks.pop("defaults", True)
     if not isinstance(defaults, bool):
         raise ConfigError(f"checks.defaults: expected true or false, got {defaults!r}")
     checks = {**(DEFAULT_CHECKS if defaults else {}), **checks}
