@@ -149,3 +149,27 @@ def legend() -> str:
     parts = [f"{short} {title}" for _, short, title, _, _ in ITEMS] + [f"{OTHER[1]} {OTHER[2]}"]
     return ("Checklist: ✓ passed, ✗ failed, – not applicable (docs/checklist.md). "
             + "; ".join(parts) + ".")
+
+
+def checklist_table(rows: list[tuple[str, list[Mapping[str, Any]]]], *, width: int = 70) -> str:
+    """A Markdown table of several rows' checklists side by side: one line per check, one
+    column per ``(title, checklist)``; each cell is the status mark and what it saw (cut to
+    ``width`` characters; the JSON entry keeps it whole)."""
+    from leaderboard.escape import md_escape as md_cell
+
+    mark = {PASS: "✓", FAIL: "✗", NA: "–"}
+    head = "| check | " + " | ".join(md_cell(t) for t, _ in rows) + " |"
+    lines = [head, "|" + "---|" * (len(rows) + 1)]
+    order = [(k, short, title) for k, short, title, *_ in ITEMS] + [OTHER]
+    for key, short, title in order:
+        cells = []
+        for _, cl in rows:
+            c = next((c for c in cl if c["check"] == key), None)
+            if c is None:
+                cells.append("")
+                continue
+            seen = str(c.get("seen", ""))
+            seen = seen if len(seen) <= width else seen[:width - 1] + "…"
+            cells.append(md_cell(f"{mark.get(c['status'], '?')} {seen}"))
+        lines.append(f"| {short} {md_cell(title)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

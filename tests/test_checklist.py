@@ -137,3 +137,16 @@ def test_checklist_panel_in_chromium(submitted, tmp_path):
         assert browser.js(f"document.querySelector(\"{sel} img.security\").naturalWidth") > 0
     finally:
         browser.close()
+
+
+def test_leaderboard_prints_the_run_checklist(submitted, tmp_path, capsys):
+    """`robustmatrix leaderboard --checklist`: a run's rows side by side (what docs/results.md
+    shows for the seed defenses)."""
+    run = submitted["runs"] / "masked"
+    assert main(["leaderboard", "--run-dir", str(run), "--checklist", "--out",
+                 str(tmp_path / "lb")]) == 0
+    text = (tmp_path / "lb" / "checklist.md").read_text()
+    assert text in capsys.readouterr().out
+    lines = {ln.split(" | ")[0][2:6]: ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "Bit-depth CNN masked" in text and "✗ white-box attacks 0%" in lines["BIN "]
+    assert lines["GRD "].count("✗") == 1
