@@ -79,17 +79,19 @@ class BinarizedDefense(nn.Module):
         return self.inner(x)
 
 
-def _features(defense: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The input of the defense's final linear layer (after the preprocessor)."""
+def _features(defense: nn.Module, x: torch.Tensor, *, logits: bool = False):
+    """The input of the defense's final linear layer (after the preprocessor); with
+    ``logits``, also the defense's output from the same forward pass."""
     _, lin = final_linear(defense.classifier)
     got: list[torch.Tensor] = []
     h = lin.register_forward_hook(lambda m, inp, out: got.append(inp[0].detach()))
     try:
         with torch.no_grad():
-            defense(x)
+            out = defense(x)
     finally:
         h.remove()
-    return got[-1].flatten(1).float()
+    f = got[-1].flatten(1).float()
+    return (f, out.detach().float()) if logits else f
 
 
 def _ball_sample(x: torch.Tensor, eps: float, threat: str, radius: float, k: int,
@@ -289,9 +291,8 @@ def binary_tasks(defense: nn.Module, threat: str, eps: float, images: torch.Tens
                            _ball_sample(x0, eps, threat, 1.0 - inner_gap, n_inner - 1, gen)])
         boundary = _boundary_point(x0, eps, threat, gen)
         with checks_.seeded(x0, seed):
-            f_neg, f_pos = _features(defense, inner), _features(defense, boundary)
-            with torch.no_grad():
-                logits = defense(inner[:256]).float()
+            f_neg, logits = _features(defense, inner, logits=True)
+            f_pos = _features(defense, boundary)
         head = _fit_head(f_neg.cpu(), f_pos.cpu(), closeness=closeness,
                          logit_range=float(logits.max() - logits.min()))
         if head is None:
