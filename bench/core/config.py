@@ -30,9 +30,9 @@ CHECK_KEYS = ("convergence_subset", "convergence_tol", "large_eps_subset", "defa
 #: bounded subsample of a cell's clean-correct points (docs/checklist.md); an explicit
 #: ``checks:`` key overrides its default. Sized so that the `quick` preset costs at most ~1.3x
 #: the run without them (benchmarks/default_checks_cost.py, docs/performance.md)
-DEFAULT_CHECKS: dict[str, Any] = {"convergence_subset": 4, "large_eps_subset": 16,
-                                  "binarization_subset": 8, "binarization_inner": 127,
-                                  "stability_subset": 16, "sanity_subset": 8,
+DEFAULT_CHECKS: dict[str, Any] = {"convergence_subset": 4, "large_eps_subset": 8,
+                                  "binarization_subset": 6, "binarization_inner": 127,
+                                  "stability_subset": 8, "sanity_subset": 4,
                                   "sanity_queries": 100}
 MAX_N = 1_000_000
 MAX_BATCH = 65_536
