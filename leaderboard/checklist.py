@@ -67,27 +67,40 @@ def binarization_rates(records: Iterable[Mapping[str, Any]]) -> dict[str, float]
             if r.get("code") == "binarization" and r.get("pass_rate") is not None}
 
 
-def _binarization(records: list[dict[str, Any]]) -> tuple[str, str]:
-    """The row's attack SUITE passes a point when any of its attacks found the adversarial
-    (the cells share the subsample and the seeded binary tasks); fail below the threshold."""
-    ran = [r for r in records if r["status"] in (PASS, FAIL) and r.get("points") is not None]
-    if not ran:
-        return (NA, records[0]["seen"]) if records else (NA, "not run")
+def _pool(ran: list[dict[str, Any]]) -> list[bool]:
+    """Per point: whether any of ``ran`` found the known adversarial (None: no valid task)."""
     length = max(len(r["points"]) for r in ran)
-    union = [None] * length
+    union: list[Any] = [None] * length
     for r in ran:
         for i, p in enumerate(r["points"]):
             if p is not None:
                 union[i] = bool(union[i]) or bool(p)
-    valid = [p for p in union if p is not None]
+    return [p for p in union if p is not None]
+
+
+def _binarization(records: list[dict[str, Any]]) -> tuple[str, str]:
+    """The row's attack SUITE passes a point when any of its attacks found the adversarial
+    (the cells share the subsample and the seeded binary tasks); fail below the threshold.
+    The row also fails when its white-box (gradient) attacks, pooled, fall below the threshold
+    although another kind (a transfer or black-box attack) rescued the suite: the gradient
+    evaluation is then too weak for this defense (masked gradients), which the test is for."""
+    ran = [r for r in records if r["status"] in (PASS, FAIL) and r.get("points") is not None]
+    if not ran:
+        return (NA, records[0]["seen"]) if records else (NA, "not run")
+    valid = _pool(ran)
     if not valid:
         return NA, "no valid binary task"
     rate = sum(valid) / len(valid)
     need = min(float(r.get("min_pass_rate", 0.9)) for r in ran)
     per = ", ".join(f"{r.get('attack', '?')} {r['pass_rate']:.0%}" for r in ran)
-    return (PASS if rate >= need else FAIL,
-            f"suite pass rate {rate:.0%} on {len(valid)} valid binary tasks ({per}; "
-            f"threshold {need:.0%})")
+    seen = f"suite pass rate {rate:.0%} on {len(valid)} valid binary tasks ({per}; " \
+        f"threshold {need:.0%})"
+    white = [r for r in ran if r.get("kind", "white-box") == "white-box"]
+    wb = _pool(white) if white else []
+    if rate >= need and wb and sum(wb) / len(wb) < need:
+        return FAIL, (f"white-box attacks {sum(wb) / len(wb):.0%} on {len(wb)} tasks, below "
+                      f"the threshold (only other kinds found the rest); {seen}")
+    return (PASS if rate >= need else FAIL, seen)
 
 
 def build_checklist(flags: Iterable[Mapping[str, Any]],
@@ -136,3 +149,27 @@ def legend() -> str:
     parts = [f"{short} {title}" for _, short, title, _, _ in ITEMS] + [f"{OTHER[1]} {OTHER[2]}"]
     return ("Checklist: ✓ passed, ✗ failed, – not applicable (docs/checklist.md). "
             + "; ".join(parts) + ".")
+
+
+def checklist_table(rows: list[tuple[str, list[Mapping[str, Any]]]], *, width: int = 70) -> str:
+    """A Markdown table of several rows' checklists side by side: one line per check, one
+    column per ``(title, checklist)``; each cell is the status mark and what it saw (cut to
+    ``width`` characters; the JSON entry keeps it whole)."""
+    from leaderboard.escape import md_escape as md_cell
+
+    mark = {PASS: "✓", FAIL: "✗", NA: "–"}
+    head = "| check | " + " | ".join(md_cell(t) for t, _ in rows) + " |"
+    lines = [head, "|" + "---|" * (len(rows) + 1)]
+    order = [(k, short, title) for k, short, title, *_ in ITEMS] + [OTHER]
+    for key, short, title in order:
+        cells = []
+        for _, cl in rows:
+            c = next((c for c in cl if c["check"] == key), None)
+            if c is None:
+                cells.append("")
+                continue
+            seen = str(c.get("seen", ""))
+            seen = seen if len(seen) <= width else seen[:width - 1] + "…"
+            cells.append(md_cell(f"{mark.get(c['status'], '?')} {seen}"))
+        lines.append(f"| {short} {md_cell(title)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

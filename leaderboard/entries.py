@@ -153,6 +153,24 @@ def build_entries(store: Any, cells: list, *, metadata: dict[str, Any], run_dir:
     return entries
 
 
+def store_checklists(store: Any) -> list[dict[str, Any]]:
+    """The checklist of every row of a run's store (what an entry of that row would carry):
+    ``{dataset, defense, threat, eps, checklist}``, in the leaderboard's order."""
+    current = store.current_keys()
+    cells = [c for c in store.cells("done") if c.key in current]
+    out = []
+    for rec in build_records(store):
+        mine = [c for c in cells if c.defense == rec["defense"] and c.dataset == rec["dataset"]]
+        attack_cells = [c for c in mine if c.attack != "clean" and c.threat == rec["threat"]
+                        and math.isclose(c.eps, rec["eps"], abs_tol=1e-9)]
+        clean = next((c for c in mine if c.attack == "clean"), None)
+        structure = ((clean.provenance or {}).get("structure") or {}) if clean else {}
+        recs = _suite_records(store, attack_cells) + _row_records(mine, rec, structure)
+        out.append({k: rec[k] for k in ("dataset", "defense", "threat", "eps")} |
+                   {"checklist": build_checklist(rec["flags"], recs)})
+    return out
+
+
 def _suite_records(store: Any, attack_cells: list) -> list[dict]:
     """The attack cells' check records (``attack`` added); the single-step and gradient-free
     comparisons are re-judged against the row's worst case (a point some other attack of the

@@ -226,9 +226,12 @@ def test_config_validates_adaptive_and_checks():
     assert config_from_dict({**base, "adaptive": {"eot_draws": 4}}).adaptive == {"eot_draws": 4}
     from bench.core.config import DEFAULT_CHECKS
 
-    # the sanity checks are opt-in for now (docs/checklist.md); an explicit key overrides
-    assert config_from_dict(base).checks == {}
+    # the sanity checks are on by default (docs/checklist.md); an explicit key overrides
+    assert config_from_dict(base).checks == DEFAULT_CHECKS
     assert config_from_dict({**base, "checks": {"defaults": True}}).checks == DEFAULT_CHECKS
+    assert config_from_dict({**base, "checks": {"defaults": False}}).checks == {}
+    with pytest.raises(ConfigError, match="binarization_inner"):
+        config_from_dict({**base, "checks": {"binarization_inner": 1}})
     assert config_from_dict({**base, "checks": {"defaults": True,
                                                 "convergence_subset": 8}}).checks == {
         **DEFAULT_CHECKS, "convergence_subset": 8}

@@ -142,6 +142,8 @@ def test_every_seed_defense_fits_and_runs_in_the_matrix_on_imagenet10(shared_dat
              "dict_iterations": 4, "dict_images_per_cluster": 32, "coding_iterations": 10,
              "max_clusters": 2, "kmeans_init": 2}],
         "attacks": [{"name": "test_pgd"}], "threat_models": {"linf": []}, "batch_size": 20,
+        # the default checks are tested on their own (tests/test_evidence.py, test_checklist.py)
+        "checks": {"defaults": False},
         "fit_preset": "tiny", "device": "cpu", "run_dir": str(tmp_path / "run")})
     summary = MatrixRunner(cfg, progress=False, log=lambda m: None).run()
     assert not summary.errors

@@ -17,6 +17,9 @@ def add_parser(sub: Any) -> None:
     lb.add_argument("--show-cost", action="store_true", help="add pass counts and wall time")
     lb.add_argument("--short-flags", action="store_true",
                     help="print flag codes only (the files keep what was seen and what to try)")
+    lb.add_argument("--checklist", action="store_true",
+                    help="also print each row's evaluation checklist (docs/checklist.md) and "
+                         "write it to <out>/checklist.md")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,5 +50,18 @@ def run(args: argparse.Namespace) -> int:
         info(f"the run directory {args.run_dir} is read-only, so the tables were printed above "
              "and not written; pass --out FOLDER to write them elsewhere")
         return 0
+    if args.checklist:
+        from leaderboard.checklist import checklist_table, legend
+        from leaderboard.entries import board_title, store_checklists
+
+        boards: dict[tuple, list] = {}
+        for row in store_checklists(store):
+            boards.setdefault((row["dataset"], row["threat"], row["eps"]), []).append(row)
+        text = "\n\n".join(f"### {board_title(*k)}\n\n" + checklist_table(
+            [(r["defense"], r["checklist"]) for r in rows]) for k, rows in boards.items())
+        text += "\n\n" + legend() + "\n"
+        print(text)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "checklist.md").write_text(text)
     info(f"tables written to {out}")
     return 0

@@ -25,14 +25,15 @@ ADAPTIVE_KEYS = ("enabled", "eot_draws", "transfer", "reject_class", "rand_autoa
                  "detector_margin")
 CHECK_KEYS = ("convergence_subset", "convergence_tol", "large_eps_subset", "defaults",
               "binarization_subset", "binarization_min_pass", "stability_subset",
-              "stability_tol", "sanity_subset")
-#: the sanity checks a config runs with ``checks: {defaults: true}``, each on a bounded subsample
-#: (docs/checklist.md); an explicit ``checks:`` key overrides its default. OFF by default for now:
-#: the binarization test is not yet calibrated (it also fails an undefended tiny CNN) and the
-#: cost ratio on `quick` is not yet measured (issue 15 stays open)
-DEFAULT_CHECKS: dict[str, Any] = {"convergence_subset": 16, "large_eps_subset": 16,
-                                  "binarization_subset": 8, "stability_subset": 16,
-                                  "sanity_subset": 16}
+              "stability_tol", "sanity_subset", "binarization_inner", "sanity_queries")
+#: the sanity checks every config runs (``checks: {defaults: false}`` turns them off), each on a
+#: bounded subsample of a cell's clean-correct points (docs/checklist.md); an explicit
+#: ``checks:`` key overrides its default. Sized so that the `quick` preset costs at most ~1.3x
+#: the run without them (benchmarks/default_checks_cost.py, docs/performance.md)
+DEFAULT_CHECKS: dict[str, Any] = {"convergence_subset": 4, "large_eps_subset": 8,
+                                  "binarization_subset": 6, "binarization_inner": 127,
+                                  "stability_subset": 8, "sanity_subset": 4,
+                                  "sanity_queries": 100}
 MAX_N = 1_000_000
 MAX_BATCH = 65_536
 
@@ -493,14 +494,17 @@ def config_from_dict(raw: Any, *, source: str = "config") -> BenchmarkConfig:
     bad = sorted(set(map(str, checks)) - set(CHECK_KEYS))
     if bad:
         raise ConfigError(f"checks: unknown option {bad[0]!r}; known: {list(CHECK_KEYS)}")
-    defaults = checks.pop("defaults", False)
+    defaults = checks.pop("defaults", True)
     if not isinstance(defaults, bool):
         raise ConfigError(f"checks.defaults: expected true or false, got {defaults!r}")
     checks = {**(DEFAULT_CHECKS if defaults else {}), **checks}
     for k in ("convergence_subset", "large_eps_subset", "binarization_subset",
-              "stability_subset", "sanity_subset"):
+              "stability_subset", "sanity_subset", "binarization_inner", "sanity_queries"):
         if k in checks:
             checks[k] = _int(checks[k], f"checks.{k}", 0, MAX_N)
+    if checks.get("binarization_inner", 2) < 2:
+        raise ConfigError(f"checks.binarization_inner: expected at least 2 (the clean point and "
+                          f"one inner point), got {checks['binarization_inner']}")
     if "convergence_tol" in checks:
         tol = checks["convergence_tol"]
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol <= 1:

@@ -343,12 +343,21 @@ class MatrixRunner:
         kind = flagmod.attack_kind_name(plan.attack.name)
         if list(plan.attack.options.get("attacks") or []) == ["square"]:
             kind = "black-box"
+        # the binary tasks and the single-step / gradient-free runs depend on the defense,
+        # threat, epsilon and points only: computed once per row, reused by its other attacks
+        cache = self.__dict__.setdefault("_evidence_cache", {})
+        row = (plan.dataset.name, plan.defense.label, plan.threat, float(plan.eps))
         nb = int(chk.get("binarization_subset", 0) or 0)
         if nb > 0 and not attack.minimal_norm:
             x, y, _ = subset(nb)
-            out.append(evidence.binarization_test(
-                defense, attack, plan.threat, plan.eps, x, y, n=nb, seed=cfg.seed,
-                min_pass_rate=float(chk.get("binarization_min_pass", 0.9))))
+            opts = {"n_inner": int(chk.get("binarization_inner", 999)), "seed": cfg.seed}
+            tkey = ("bin", *row, tuple(self._subset_ids), opts["n_inner"])
+            if tkey not in cache and evidence.binarization_unavailable(defense) is None:
+                cache[tkey] = evidence.binary_tasks(defense, plan.threat, plan.eps, x, **opts)
+            out.append({**evidence.binarization_test(
+                defense, attack, plan.threat, plan.eps, x, y, n=nb, tasks=cache.get(tkey),
+                min_pass_rate=float(chk.get("binarization_min_pass", 0.9)), **opts),
+                "kind": kind})
         ns = int(chk.get("stability_subset", 0) or 0)
         if ns > 0:
             x, y, _ = subset(ns)
@@ -360,8 +369,14 @@ class MatrixRunner:
             x, y, robust = subset(nq)
             ids = list(self._subset_ids)
             for fn in (evidence.single_step_check, evidence.gradient_free_check):
-                out.append({**fn(defense, plan.threat, plan.eps, x, y, robust, seed=cfg.seed,
-                                 draws=cfg.random_draws), "idx": ids})
+                skey = (fn.__name__, *row, tuple(ids))
+                more = {"queries": int(chk.get("sanity_queries", 300))} \
+                    if fn is evidence.gradient_free_check else {}
+                rec = fn(defense, plan.threat, plan.eps, x, y, robust, seed=cfg.seed,
+                         draws=cfg.random_draws, broken=cache.get(skey), **more)
+                if "broken" in rec:
+                    cache[skey] = torch.tensor(rec["broken"], dtype=torch.bool)
+                out.append({**rec, "idx": ids})
         return out
 
 

@@ -47,14 +47,13 @@ class Metadata:
 #: attack suites: what ``--suite`` runs against every submission. The runner adds the adaptive
 #: forms the defense's declared structure calls for (BPDA, EOT, detector-aware, transfer, Square,
 #: AutoAttack ``rand``; ``bench/harness/adaptive_policy.py``) with the suite's ``adaptive``
-#: options, and runs the suite's reliability ``checks`` (``defaults: true`` adds DEFAULT_CHECKS)
+#: options, and runs the default checks (DEFAULT_CHECKS) with the suite's ``checks`` over them
 #: (docs/checklist.md).
 SUITES: dict[str, dict[str, Any]] = {
     # seconds on test_tiny; for the test-suite and trying the command out
     "test": {"attacks": [{"name": "test_pgd"}],
              "adaptive": {"square_queries": 50, "eot_draws": 2},
-             # the tiny suite runs the (opt-in) default checks, so the checklist is exercised
-             "checks": {"defaults": True}},
+             "checks": {}},
     # minutes on a CPU at n=100..500: PGD-20 and AutoAttack's CPU configuration
     "quick": {"attacks": [{"name": "pgd", "steps": 20, "label": "pgd20"},
                           {"name": "autoattack_cheap"}],
