@@ -103,7 +103,8 @@ def test_leaderboard_of_missing_run_is_one_line(tmp_path, capsys):
     ("test_semantic_ae", ("semantic", "plain", "decoded_semantic_vs_plain", "figures")),
     ("test_aae_detector", ("gaussian_noise", "pgd_on_classifier", "prior_distance_clean_codes",
                            "figures")),
-    ("test_srd", ("purified_vs_input", "classifier_accuracy_purified", "clusters")),
+    ("test_srd", ("purified_vs_input", "classifier_accuracy_purified", "clusters",
+                  "selection_accuracy")),
 ])
 def test_fit_report_writes_metrics_and_figures(name, keys, tmp_path, capsys):
     """`robustmatrix fit DEFENSE --report`: the defense's measured report (and, for the semantic
@@ -132,6 +133,8 @@ def test_fit_report_writes_metrics_and_figures(name, keys, tmp_path, capsys):
     if name == "test_srd":
         assert rep["purified_vs_input"]["in_unit_box"] is True
         assert abs(sum(rep["clusters"]["share_chosen"]) - 1) < 1e-5
+        sel = rep["selection_accuracy"]
+        assert sel["n"] == 60 and 0 <= sel["pgd_on_classifier"] <= 1 and 0 <= sel["clean"] <= 1
     # a second call reuses the artifact and says so
     capsys.readouterr()
     assert main(["fit", name, "--dataset", "test_tiny", "--preset", "tiny", "--device",

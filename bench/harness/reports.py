@@ -295,6 +295,23 @@ def _report_kind(defense: Any) -> str | None:
     return None
 
 
+def selection_accuracy(defense: Any, data: Any, *, eps: float = 8 / 255) -> dict[str, Any]:
+    """The SRD purifier's dictionary choice measured: the fraction of ``data``'s clean images,
+    and of their PGD-10 (Linf ``eps``) adversarials against the purifier's classifier, whose
+    chosen dictionary (nearest cluster in the classifier's latent space) belongs to their TRUE
+    class."""
+    p = defense.purifier
+    device = next(defense.parameters()).device
+    labels = data.labels.long()
+    owner = p.cluster_class.cpu()
+    clean = owner[batched_apply(p.nearest_cluster, data.images.float(), device).cpu()]
+    adv = pgd_transfer_images(defense.classifier, data, eps=eps)
+    adv_owner = owner[batched_apply(p.nearest_cluster, adv, device).cpu()]
+    return {"clean": float((clean == labels).float().mean()),
+            "pgd_on_classifier": float((adv_owner == labels).float().mean()),
+            "eps": eps, "n": int(len(labels))}
+
+
 def _default_linf_eps(data: Any) -> float:
     """The Linf budget the reports attack at: the dataset's default (8/255 on CIFAR-10, 4/255
     on ImageNet-10 at 64 px), 8/255 when the dataset is unknown."""
@@ -357,6 +374,7 @@ def fit_report(defense: Any, data: Any, out: Any, *, twin: Any = None) -> dict[s
                            "per_class": torch.bincount(p.cluster_class.cpu(),
                                                        minlength=defense.num_classes).tolist(),
                            "share_chosen": (counts.float() / max(len(chosen), 1)).tolist()}
+        rep["selection_accuracy"] = selection_accuracy(defense, data, eps=eps)
         if getattr(defense, "fit_info", None):
             rep["fit"] = {k: v for k, v in defense.fit_info.items() if k != "settings"}
         return rep
