@@ -610,6 +610,7 @@ class AAEDetectorDefense(Defense):
     def unused_test_images(self) -> tuple[torch.Tensor, dict[str, Any]]:
         """``calibration_images`` clean test-split images outside every evaluation draw of
         :data:`EVALUATION_SIZES` (seed 0), class-balanced and seeded; and what was used."""
+        from bench.core.hashing import text_sha256
         from bench.data import load_split
 
         test = load_split(self.dataset, "test", resolution=self.resolution)
@@ -623,24 +624,29 @@ class AAEDetectorDefense(Defense):
         return test.images[pick], {"source": "test_unused", "test_images": int(len(test)),
                                    "excluded_evaluation_images": excluded,
                                    "evaluation_sizes_excluded": list(EVALUATION_SIZES),
-                                   "calibration_ids_sha256": _ids_sha256(
-                                       [test.sample_ids[int(i)] for i in pick])}
+                                   "calibration_ids_sha256": text_sha256(
+                                       "\n".join(test.sample_ids[int(i)] for i in pick))}
 
-    def recalibrate(self, train: Any = None) -> dict[str, Any]:
-        """Set the threshold on the configured ``calibration_source`` (``train``: the train
-        split's held-out part, so ``train`` is needed) and return :attr:`calibration`. It
-        changes only the threshold buffers, never the AE: ``fit`` ends with it, and a trained
-        AE can be recalibrated (e.g. with more ``calibration_images``) without retraining."""
+    def calibration_set(self, train: Any = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """(clean images, what they are) of the configured ``calibration_source``
+        (``"train"``: the train split's held-out part, so ``train`` is needed)."""
         if self.knobs["calibration_source"] == "test_unused":
-            held_images, held_info = self.unused_test_images()
-        else:
-            if train is None:
-                raise ValueError("calibration_source='train' recalibrates on the train split's "
-                                 "held-out part: pass the train split")
-            images, labels = _check_train(train, self.image_shape, self.num_classes)
-            _, held_idx = self.split_calibration(labels)
-            held_images = images[held_idx]
-            held_info = {"source": "train", "fraction": self.knobs["calibration_fraction"]}
+            return self.unused_test_images()
+        if train is None:
+            raise ValueError("calibration_source='train' calibrates on the train split's "
+                             "held-out part: pass the train split")
+        images, labels = _check_train(train, self.image_shape, self.num_classes)
+        _, held_idx = self.split_calibration(labels)
+        return images[held_idx], {"source": "train",
+                                  "fraction": self.knobs["calibration_fraction"]}
+
+    def recalibrate(self, train: Any = None, *,
+                    held: tuple[torch.Tensor, dict[str, Any]] | None = None) -> dict[str, Any]:
+        """Set the threshold on :meth:`calibration_set` (or on ``held``, that set already
+        loaded) and return :attr:`calibration`. It changes only the threshold buffers, never
+        the AE: ``fit`` ends with it, and a trained AE can be recalibrated (e.g. with more
+        ``calibration_images``) without retraining."""
+        held_images, held_info = held if held is not None else self.calibration_set(train)
         self.eval()
         detector: AAEDetector = self.detector  # type: ignore[assignment]
         realised = detector.calibrate(held_images, self.knobs["fpr"])
@@ -658,10 +664,11 @@ class AAEDetectorDefense(Defense):
 
         epochs = self.epochs_for(preset)
         images, labels = _check_train(train, self.image_shape, self.num_classes)
+        # the calibration set is drawn before training: too few images fail now, not after it
+        held = self.calibration_set(train)
         if self.knobs["calibration_source"] == "test_unused":
             train_idx = torch.arange(len(labels))
-            # fail before training, not after, when the unused test images are too few
-            held_idx = torch.arange(len(self.unused_test_images()[0]))
+            held_idx = torch.arange(len(held[0]))
         else:
             train_idx, held_idx = self.split_calibration(labels)
         if len(held_idx) < 20:
@@ -685,7 +692,7 @@ class AAEDetectorDefense(Defense):
             batch_size=self.knobs["batch_size"], train_noise=self.knobs["train_noise"],
             seed=self.knobs["seed"], device=device, progress=progress, checkpoint=checkpoint,
             fingerprint=fingerprint)
-        self.recalibrate(train)
+        self.recalibrate(held=held)
         self.train_seconds = time.perf_counter() - start
         self.fit_info = {"preset": preset, "epochs": epochs, "train_images": int(len(fit_idx)),
                          "seconds": self.train_seconds, "calibration": self.calibration,
@@ -718,12 +725,6 @@ def unused_test_indices(labels: torch.Tensor, num_classes: int, want: int, *, se
         return pool, int(used.sum())
     want = min(int(want), len(pool))
     return pool[balanced_indices(labels[pool], want, num_classes, seed)], int(used.sum())
-
-
-def _ids_sha256(ids: Sequence[str]) -> str:
-    from bench.core.hashing import text_sha256
-
-    return text_sha256("\n".join(ids))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -295,16 +295,19 @@ def _report_kind(defense: Any) -> str | None:
     return None
 
 
-def selection_accuracy(defense: Any, data: Any, *, eps: float = 8 / 255) -> dict[str, Any]:
+def selection_accuracy(defense: Any, data: Any, *, eps: float = 8 / 255,
+                       chosen: torch.Tensor | None = None) -> dict[str, Any]:
     """The SRD purifier's dictionary choice measured: the fraction of ``data``'s clean images,
     and of their PGD-10 (Linf ``eps``) adversarials against the purifier's classifier, whose
     chosen dictionary (nearest cluster in the classifier's latent space) belongs to their TRUE
-    class."""
+    class. ``chosen``: the clean images' clusters when the caller has them already."""
     p = defense.purifier
     device = next(defense.parameters()).device
     labels = data.labels.long()
     owner = p.cluster_class.cpu()
-    clean = owner[batched_apply(p.nearest_cluster, data.images.float(), device).cpu()]
+    if chosen is None:
+        chosen = batched_apply(p.nearest_cluster, data.images.float(), device)
+    clean = owner[chosen.cpu()]
     adv = pgd_transfer_images(defense.classifier, data, eps=eps)
     adv_owner = owner[batched_apply(p.nearest_cluster, adv, device).cpu()]
     return {"clean": float((clean == labels).float().mean()),
@@ -374,7 +377,7 @@ def fit_report(defense: Any, data: Any, out: Any, *, twin: Any = None) -> dict[s
                            "per_class": torch.bincount(p.cluster_class.cpu(),
                                                        minlength=defense.num_classes).tolist(),
                            "share_chosen": (counts.float() / max(len(chosen), 1)).tolist()}
-        rep["selection_accuracy"] = selection_accuracy(defense, data, eps=eps)
+        rep["selection_accuracy"] = selection_accuracy(defense, data, eps=eps, chosen=chosen)
         if getattr(defense, "fit_info", None):
             rep["fit"] = {k: v for k, v in defense.fit_info.items() if k != "settings"}
         return rep
