@@ -61,6 +61,7 @@ class BitDepth(Preprocessor):
         super().__init__()
         if not 1 <= int(bits) <= 8:
             raise ValueError(f"bits must be in 1..8, got {bits!r}")
+        self.bits = int(bits)
         self.levels = 2 ** int(bits) - 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -97,7 +98,7 @@ class TransformDefense(Defense):
         from defenses.undefended import default_arch
 
         if classifier is None:
-            classifier = f"{default_arch(dataset)}@{preset}"
+            classifier = f"{default_arch(dataset, preset)}@{preset}"
         model, sha = resolve_classifier(classifier, dataset=dataset, device=device,
                                         progress=progress)
         super().__init__(model, preprocessor=transform)
@@ -106,8 +107,10 @@ class TransformDefense(Defense):
         self.classifier_sha256 = sha
 
     def config(self) -> dict[str, Any]:
+        t = self.preprocessor
+        params = {k: getattr(t, k) for k in ("quality", "bits", "size") if hasattr(t, k)}
         return {"classifier": self.classifier_spec, "classifier_sha256": self.classifier_sha256,
-                "transform": type(self.preprocessor).__name__}
+                "transform": type(t).__name__, **params}
 
 
 @DEFENSES.register("jpeg")

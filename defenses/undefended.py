@@ -19,7 +19,7 @@ class Undefended(Defense):
         from bench.models import resolve_classifier
 
         if classifier is None:
-            classifier = f"{default_arch(dataset)}@{preset}"
+            classifier = f"{default_arch(dataset, preset)}@{preset}"
         model, sha = resolve_classifier(classifier, dataset=dataset, device=device,
                                         progress=progress)
         super().__init__(model)
@@ -34,7 +34,12 @@ class Undefended(Defense):
 DEFAULT_ARCH = {"cifar10": "resnet20", "imagenet10": "resnet18_imagenet",
                 "test_tiny": "test_tiny_cnn"}
 
+#: per-(dataset, preset) architectures: ImageNet-10's ``standard`` classifier is the stride-2
+#: ResNet-20 of the shipped adversarially trained ImageNet-10 models, trained by the zoo's
+#: ``standard`` recipe and shipped (``bench.models.zoo.SHIPPED``)
+PRESET_ARCH = {("imagenet10", "standard"): "resnet20_s2"}
 
-def default_arch(dataset: str) -> str:
-    """The zoo architecture a defense uses on ``dataset`` when none is given."""
-    return DEFAULT_ARCH.get(dataset, "resnet20")
+
+def default_arch(dataset: str, preset: str | None = None) -> str:
+    """The zoo architecture a defense uses on ``dataset`` (at ``preset``) when none is given."""
+    return PRESET_ARCH.get((dataset, preset), DEFAULT_ARCH.get(dataset, "resnet20"))
