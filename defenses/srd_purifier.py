@@ -367,20 +367,24 @@ class SRDSurrogate(nn.Module):
 
 # ------------------------------------------------------------------------------------ defense
 def shipped_pgd_at_classifier(dataset: str, resolution: int | None, arch: str,
-                              num_classes: int, device, info: dict[str, Any]) -> nn.Module:
+                              num_classes: int, device, info: dict[str, Any],
+                              defense: str = "pgd_at") -> nn.Module:
     """The classifier of the shipped PGD-AT ``standard`` artifact (sha256-pinned), used as
     SRD's baseline AND the robust model's initial weights with ``init="pgd_at"``: the robust
     model is then a fine-tune of PGD-AT with the latent-distribution loss (our choice, to fit
-    at ``standard`` cost; the paper trains its robust model from scratch)."""
+    at ``standard`` cost; the paper trains its robust model from scratch). ``defense="spat"``
+    reads the shipped SPAT artifact instead (a classifier behind :class:`SRDFront`)."""
     from safetensors.torch import load_file
 
     from bench.artifacts import SHIPPED, ArtifactError
     from bench.models.checkpoint import ChecksumError, verify_sha256
 
-    entry = SHIPPED.get(("pgd_at", dataset, resolution, "standard"))
+    entry = SHIPPED.get((defense, dataset, resolution, "standard"))
     if entry is None or not entry.path.is_file():
-        raise ArtifactError(f"init='pgd_at' needs the shipped PGD-AT standard artifact for "
-                            f"{dataset} (resolution {resolution}); there is none: use init=None")
+        raise ArtifactError(f"'{defense}' needs the shipped {defense} standard artifact for "
+                            f"{dataset} (resolution {resolution}); there is none: fit it "
+                            f"(`robustmatrix fit {defense} --dataset {dataset} --preset "
+                            f"standard --ship`) or name another classifier")
     try:
         verify_sha256(entry.path, entry.sha256)
     except ChecksumError:
@@ -653,7 +657,110 @@ class SRDDefense(FitStateMixin, Defense):
                 "presets": SRD_PRESETS}
 
 
+# ----------------------------------------------------------------- the model-agnostic claim
+#: classifier names :class:`SRDFront` understands besides zoo specs: the shipped ``standard``
+#: adversarially trained models and the dataset's undefended default
+SHIPPED_CLASSIFIER_NAMES = ("pgd_at", "spat")
+UNDEFENDED = {"cifar10": "akamaster-resnet20", "imagenet10": "resnet20_s2@standard",
+              "test_tiny": "test_tiny_cnn@tiny"}
+
+
+def behind_classifier(spec: str | nn.Module, *, dataset: str, resolution: int | None,
+                      device: str, progress: bool = False) -> tuple[nn.Module, str, str]:
+    """(classifier, sha256, name) for the model behind a purifier: ``"undefended"`` (the
+    dataset's undefended default: the pinned akamaster ResNet-20 on CIFAR-10, the shipped
+    ``resnet20_s2@standard`` on ImageNet-10), ``"pgd_at"`` / ``"spat"`` (the classifier of the
+    shipped ``standard`` artifact), any zoo spec, or a module."""
+    from bench.models import resolve_classifier
+
+    if isinstance(spec, str) and spec == "undefended":
+        if dataset not in UNDEFENDED:
+            raise ValueError(f"no undefended default classifier for {dataset!r}: name one "
+                             f"(classifier: <zoo spec>)")
+        spec = UNDEFENDED[dataset]
+    if isinstance(spec, str) and spec in SHIPPED_CLASSIFIER_NAMES:
+        info: dict[str, Any] = {}
+        num_classes, _ = dataset_defaults(dataset, resolution)
+        model = shipped_pgd_at_classifier(dataset, resolution, default_arch(dataset, "standard"),
+                                          num_classes, device, info, defense=spec)
+        return model, info["baseline_sha256"], spec
+    model, sha = resolve_classifier(spec, dataset=dataset, device=device, progress=progress)
+    return model.eval(), sha, spec if isinstance(spec, str) else type(spec).__name__
+
+
+def _fitted_srd(srd_defense: str, srd_options: dict[str, Any] | None, *, dataset: str,
+                resolution: int | None, preset: str, device: str, progress: bool
+                ) -> tuple["SRDDefense", dict[str, Any]]:
+    """The fitted SRD defense of ``preset``: its shipped artifact, the harness's cached one, or
+    a fit (cached for the next use), exactly as a matrix row ``{name: srd, preset: ...}``."""
+    from bench.artifacts import prepare_defense
+
+    ds_opts = {"resolution": resolution} if resolution is not None else {}
+    srd, info = prepare_defense(srd_defense, dict(srd_options or {}), dataset=dataset,
+                                dataset_options=ds_opts, device=device, preset=preset,
+                                progress=progress)
+    return srd, info
+
+
+class SRDFront(Defense):
+    """The model-agnostic claim: a FITTED SRD purifier (its dictionaries, clusters and the
+    robust model that chooses the dictionary) in front of ANOTHER classifier (``classifier``:
+    ``"undefended"``, ``"pgd_at"``, ``"spat"``, a zoo spec or a module; see
+    :func:`behind_classifier`). The SRD artifact is the one ``{name: srd, preset: <preset>}``
+    uses (``srd_defense``/``srd_options`` pick another), so the purifier is exactly the one of
+    the ``srd`` row. Nothing is trained here. The purifier is the SRD's own, not
+    differentiable, with the unrolled surrogate for BPDA."""
+
+    def __init__(self, *, classifier: str | nn.Module = "undefended", dataset: str = "cifar10",
+                 resolution: int | None = None, preset: str = "quick", device: str = "cpu",
+                 progress: bool = False, srd_defense: str = "srd",
+                 srd_options: dict[str, Any] | None = None) -> None:
+        srd, info = _fitted_srd(srd_defense, srd_options, dataset=dataset, resolution=resolution,
+                                preset=preset, device=device, progress=progress)
+        model, sha, name = behind_classifier(classifier, dataset=dataset, resolution=resolution,
+                                             device=device, progress=progress)
+        super().__init__(model.to(device), preprocessor=srd.purifier,
+                         num_classes=srd.num_classes)
+        self.srd_robust = srd.classifier  # chooses the dictionary; moved with the defense
+        self.classifier_spec, self.classifier_sha256 = name, sha
+        self.srd = {"defense": srd_defense, "options": dict(srd_options or {}), "preset": preset,
+                    "artifact_sha256": info.get("artifact_sha256")}
+
+    def config(self) -> dict[str, Any]:
+        return {"classifier": self.classifier_spec, "classifier_sha256": self.classifier_sha256,
+                "srd": self.srd}
+
+
+class SRDRobustModel(Defense):
+    """Row (d) of the model-agnostic claim: the SRD's robust model with NO purifier (what the
+    purifier adds is the SRD row minus this one). Same artifact as :class:`SRDFront`."""
+
+    def __init__(self, *, dataset: str = "cifar10", resolution: int | None = None,
+                 preset: str = "quick", device: str = "cpu", progress: bool = False,
+                 srd_defense: str = "srd", srd_options: dict[str, Any] | None = None) -> None:
+        srd, info = _fitted_srd(srd_defense, srd_options, dataset=dataset, resolution=resolution,
+                                preset=preset, device=device, progress=progress)
+        super().__init__(srd.classifier, num_classes=srd.num_classes)
+        self.srd = {"defense": srd_defense, "options": dict(srd_options or {}), "preset": preset,
+                    "artifact_sha256": info.get("artifact_sha256")}
+
+    def config(self) -> dict[str, Any]:
+        return {"srd": self.srd}
+
+
 # ------------------------------------------------------------------------------------ registry
+@DEFENSES.register("srd_front")
+def srd_front(**kwargs: Any) -> SRDFront:
+    """The fitted SRD purifier in front of another classifier (the model-agnostic claim)."""
+    return SRDFront(**kwargs)
+
+
+@DEFENSES.register("srd_robust_model")
+def srd_robust_model(**kwargs: Any) -> SRDRobustModel:
+    """The SRD's robust model alone, without its purifier."""
+    return SRDRobustModel(**kwargs)
+
+
 @DEFENSES.register("srd")
 def srd(**kwargs: Any) -> SRDDefense:
     """SRD purifier (semantic reconstruction dictionaries) with its robust model."""

@@ -68,6 +68,14 @@ def test_structure_picks_the_adaptive_attacks():
     det = adaptive_attacks_for(S(has_detector=True), [pgd])
     assert labels(det) == ["detector-aware pgd-20", "reject-class pgd-20"]
     assert det[0].options["steps"] == 20
+    # a declared surrogate: BPDA through it AND through the identity (the worst case takes both)
+    sur = adaptive_attacks_for(S(has_preprocessor=True, preprocessor_differentiable=False,
+                                 has_surrogate=True), [pgd])
+    assert labels(sur) == ["bpda+pgd-20", "bpda-identity+pgd-20", "transfer pgd-20"]
+    assert sur[1].options["surrogate"] == "identity" and "surrogate" not in sur[0].options
+    assert labels(adaptive_attacks_for(
+        S(has_preprocessor=True, preprocessor_differentiable=False, has_surrogate=True), [pgd],
+        options={"bpda_identity": False})) == ["bpda+pgd-20", "transfer pgd-20"]
     both = adaptive_attacks_for(S(has_preprocessor=True, preprocessor_differentiable=False,
                                   random=True), [pgd])
     assert labels(both)[0] == "bpda+eot+pgd-20"

@@ -22,7 +22,7 @@ THREATS = Threat.values()
 SCHEDULES = Schedule.values()
 ADAPTIVE_KEYS = ("enabled", "eot_draws", "transfer", "reject_class", "rand_autoattack", "square",
                  "square_queries", "wrong_label_latent", "pgd_steps", "detector_weight",
-                 "detector_margin")
+                 "detector_margin", "bpda_identity")
 CHECK_KEYS = ("convergence_subset", "convergence_tol", "large_eps_subset", "defaults",
               "binarization_subset", "binarization_min_pass", "stability_subset",
               "stability_tol", "sanity_subset", "binarization_inner", "sanity_queries")

@@ -33,6 +33,9 @@ ADAPTIVE_DEFAULTS: dict[str, Any] = {
     "pgd_steps": 10,          # steps of the default PGD when no PGD is configured
     "detector_weight": 10.0,
     "detector_margin": 0.1,
+    # a second BPDA cell with the IDENTITY backward for preprocessors that declare a surrogate
+    # (the surrogate's gradient can be worse than the identity's; the worst case takes both)
+    "bpda_identity": True,
 }
 
 
@@ -70,8 +73,9 @@ def adaptive_attacks_for(defense_structure: Any, base_attacks: Iterable[Any], *,
     through a semantic autoencoder; ``observed_flags``: codes of the defense-level flags seen
     on it (undeclared ``randomness`` turns on EOT, ``zero_gradients`` adds a Square cell).
 
-    Rules (EVALUATION.md): non-differentiable preprocessor -> BPDA (surrogate when declared)
-    around the PGD-family attacks and around a configured AutoAttack (APGD);
+    Rules (EVALUATION.md): non-differentiable preprocessor -> BPDA (surrogate when declared,
+    and then also an identity-backward BPDA cell, ``bpda_identity``) around the PGD-family
+    attacks and around a configured AutoAttack (APGD);
     random -> EOT, and AutoAttack ``rand`` when AutoAttack is configured; detector ->
     detector-aware PGD and reject-class PGD; any preprocessor -> transfer from the bare
     classifier; latent defenses -> the wrong-label latent attack. Undefended models get none.
@@ -99,6 +103,10 @@ def adaptive_attacks_for(defense_structure: Any, base_attacks: Iterable[Any], *,
             prefix = ("bpda+" if nondiff else "") + ("eot+" if random else "")
             out.append(_spec("adaptive", {**wrap, "bpda": nondiff, "eot": draws,
                                           "detector": "ignore"}, f"{prefix}{b.label}"))
+            if nondiff and s.get("has_surrogate") and o["bpda_identity"]:
+                out.append(_spec("adaptive", {**wrap, "bpda": True, "surrogate": "identity",
+                                              "eot": draws, "detector": "ignore"},
+                                 f"bpda-identity+{'eot+' if random else ''}{b.label}"))
         if detector:
             steps = inner_opts.get("steps", 3 if b.name == "test_pgd" else 10)
             dap = {"steps": steps, "bpda": nondiff, "eot": draws,
