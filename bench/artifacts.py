@@ -216,7 +216,7 @@ SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
     # fresh clone fits nothing
     ("srd", "cifar10", None, "quick"): Shipped(
         "srd-cifar10-quick.safetensors",
-        "0012c97a69d35899748c7bc892b9f55909cd4b218dc8724997df74e761469aef"),
+        "df7721d129f3fc2a7a6c6048d53434435f0a60f947fbd8bda5a014d2a71501fd"),
 }
 
 

@@ -434,3 +434,23 @@ def test_fit_reports_k_per_class_and_selection_accuracy(fitted_tiny_srd):
     assert sum(info["k_per_class"]) == d.purifier.num_clusters
     assert 0.0 <= info["selection_accuracy_fit_clean"] <= 1.0
     assert info["feature_space"].startswith("robust model")
+
+
+def test_standard_preset_fine_tunes_the_shipped_pgd_at_model(monkeypatch):
+    """init="auto": the standard preset fine-tunes the shipped PGD-AT model (where one is
+    shipped), quick trains from its baseline; the config holds only the fitted preset's
+    settings, so re-sizing one preset leaves the other presets' artifacts valid."""
+    import defenses.srd_purifier as srd_mod
+
+    std = create_defense("srd", dataset="cifar10", preset="standard")
+    assert std.knobs["init"] == "pgd_at"
+    assert create_defense("srd", dataset="cifar10", preset="quick").knobs["init"] is None
+    assert create_defense("srd", dataset="test_tiny", preset="standard").knobs["init"] is None
+    quick_cfg = create_defense("srd", dataset="cifar10", preset="quick").config()
+    assert quick_cfg["settings"]["num_filters"] == srd_mod.SRD_PRESETS["quick"]["num_filters"]
+    monkeypatch.setitem(srd_mod.SRD_PRESETS, "standard",
+                        {**srd_mod.SRD_PRESETS["standard"], "num_filters": 7})
+    assert create_defense("srd", dataset="cifar10", preset="quick").config() == quick_cfg
+    # ImageNet-10's own standard settings
+    assert create_defense("srd", dataset="imagenet10", resolution=64,
+                          preset="standard").settings("standard")["batch_size"] == 64
