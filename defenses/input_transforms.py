@@ -10,9 +10,11 @@ compared with (``../shared/METHODS.md`` section 4; issue 14).
   Autograd passes the gradient to the selected pixel, so it is declared differentiable; the
   harness still adds transfer and gradient-free attacks.
 
-Each wraps any zoo classifier spec (``classifier``: e.g. ``akamaster-resnet20``, a checkpoint
-path, ``"<arch>@<recipe>"``), so the same transform can sit in front of the undefended model and
-an adversarially trained one. All are deterministic and keep outputs in [0, 1].
+Each wraps any classifier (``classifier``: a zoo spec such as ``akamaster-resnet20``, a checkpoint
+path or ``"<arch>@<recipe>"``; ``"undefended"``, ``"pgd_at"`` or ``"spat"``, see
+:func:`defenses.undefended.behind_classifier`), so the same transform sits in front of the
+undefended model and of the adversarially trained ones. All are deterministic and keep outputs
+in [0, 1].
 """
 
 from __future__ import annotations
@@ -93,17 +95,16 @@ class TransformDefense(Defense):
 
     def __init__(self, transform: Preprocessor, *, dataset: str = "cifar10",
                  classifier: str | nn.Module | None = None, preset: str = "quick",
-                 device: str = "cpu", progress: bool = False) -> None:
-        from bench.models import resolve_classifier
-        from defenses.undefended import default_arch
+                 device: str = "cpu", progress: bool = False,
+                 resolution: int | None = None) -> None:
+        from defenses.undefended import behind_classifier, default_arch
 
         if classifier is None:
             classifier = f"{default_arch(dataset, preset)}@{preset}"
-        model, sha = resolve_classifier(classifier, dataset=dataset, device=device,
-                                        progress=progress)
+        model, sha, name = behind_classifier(classifier, dataset=dataset, resolution=resolution,
+                                             device=device, progress=progress)
         super().__init__(model, preprocessor=transform)
-        self.classifier_spec = (classifier if isinstance(classifier, str)
-                                else type(classifier).__name__)
+        self.classifier_spec = name
         self.classifier_sha256 = sha
 
     def config(self) -> dict[str, Any]:

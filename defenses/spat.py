@@ -670,6 +670,46 @@ class AdversarialTrainingDefense(FitStateMixin, Defense):
         return cfg
 
 
+def shipped_classifier(dataset: str, resolution: int | None, arch: str,
+                              num_classes: int, device, info: dict[str, Any],
+                              defense: str = "pgd_at") -> nn.Module:
+    """The classifier of the shipped ``standard`` artifact of ``defense`` ("pgd_at" or "spat"),
+    sha256-checked: SRD's baseline and initial weights, and a classifier behind a purifier or
+    an input transform (:func:`defenses.undefended.behind_classifier`). Records its file and
+    sha256 in ``info`` (``baseline``, ``baseline_sha256``)."""
+    from safetensors.torch import load_file
+
+    from bench.artifacts import SHIPPED, ArtifactError
+    from bench.models.checkpoint import ChecksumError, verify_sha256
+
+    entry = SHIPPED.get((defense, dataset, resolution, "standard"))
+    if entry is None or not entry.path.is_file():
+        raise ArtifactError(f"'{defense}' needs the shipped {defense} standard artifact for "
+                            f"{dataset} (resolution {resolution}); there is none: fit it "
+                            f"(`robustmatrix fit {defense} --dataset {dataset} --preset "
+                            f"standard --ship`) or name another classifier")
+    try:
+        verify_sha256(entry.path, entry.sha256)
+    except ChecksumError:
+        raise ArtifactError(f"shipped artifact {entry.path.name} does not match its pinned "
+                            f"sha256; restore it (`git checkout -- defenses/weights/"
+                            f"{entry.path.name}`)") from None
+    state = load_file(str(entry.path))
+    prefix = "classifier."
+    sub = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
+    model = build_model(arch, num_classes, 0, device)
+    try:
+        model.load_state_dict(sub)
+    except RuntimeError:
+        raise ArtifactError(f"shipped artifact {entry.path.name} does not hold a {arch} "
+                            "classifier; use init=None or the architecture it was trained "
+                            "with") from None
+    model.arch = arch
+    info["baseline"] = f"shipped {entry.path.name}"
+    info["baseline_sha256"] = entry.sha256
+    return model.eval()
+
+
 # ------------------------------------------------------------------------------------ registry
 def _named(defense: Defense, name: str) -> Defense:
     defense.registry_name = name  # for error messages ("robustmatrix fit <name>")

@@ -74,6 +74,7 @@ from defenses.spat import (
     default_arch,
     images_and_labels,
     resolve_preset,
+    shipped_classifier,
 )
 
 #: fit presets: the robust model's adversarial training and the dictionaries' sizes
@@ -386,39 +387,10 @@ def shipped_pgd_at_classifier(dataset: str, resolution: int | None, arch: str,
     """The classifier of the shipped PGD-AT ``standard`` artifact (sha256-pinned), used as
     SRD's baseline AND the robust model's initial weights with ``init="pgd_at"``: the robust
     model is then a fine-tune of PGD-AT with the latent-distribution loss (our choice, to fit
-    at ``standard`` cost; the paper trains its robust model from scratch). ``defense="spat"``
-    reads the shipped SPAT artifact instead (a classifier behind :class:`SRDFront`)."""
-    from safetensors.torch import load_file
-
-    from bench.artifacts import SHIPPED, ArtifactError
-    from bench.models.checkpoint import ChecksumError, verify_sha256
-
-    entry = SHIPPED.get((defense, dataset, resolution, "standard"))
-    if entry is None or not entry.path.is_file():
-        raise ArtifactError(f"'{defense}' needs the shipped {defense} standard artifact for "
-                            f"{dataset} (resolution {resolution}); there is none: fit it "
-                            f"(`robustmatrix fit {defense} --dataset {dataset} --preset "
-                            f"standard --ship`) or name another classifier")
-    try:
-        verify_sha256(entry.path, entry.sha256)
-    except ChecksumError:
-        raise ArtifactError(f"shipped artifact {entry.path.name} does not match its pinned "
-                            f"sha256; restore it (`git checkout -- defenses/weights/"
-                            f"{entry.path.name}`)") from None
-    state = load_file(str(entry.path))
-    prefix = "classifier."
-    sub = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
-    model = build_model(arch, num_classes, 0, device)
-    try:
-        model.load_state_dict(sub)
-    except RuntimeError:
-        raise ArtifactError(f"shipped artifact {entry.path.name} does not hold a {arch} "
-                            "classifier; use init=None or the architecture it was trained "
-                            "with") from None
-    model.arch = arch
-    info["baseline"] = f"shipped {entry.path.name}"
-    info["baseline_sha256"] = entry.sha256
-    return model.eval()
+    at ``standard`` cost; the paper trains its robust model from scratch). See
+    :func:`defenses.spat.shipped_classifier`."""
+    return shipped_classifier(dataset, resolution, arch, num_classes, device, info,
+                              defense=defense)
 
 
 class SRDDefense(FitStateMixin, Defense):
@@ -691,36 +663,6 @@ class SRDDefense(FitStateMixin, Defense):
 
 
 # ----------------------------------------------------------------- the model-agnostic claim
-#: classifier names :class:`SRDFront` understands besides zoo specs: the shipped ``standard``
-#: adversarially trained models and the dataset's undefended default
-SHIPPED_CLASSIFIER_NAMES = ("pgd_at", "spat")
-UNDEFENDED = {"cifar10": "akamaster-resnet20", "imagenet10": "resnet20_s2@standard",
-              "test_tiny": "test_tiny_cnn@tiny"}
-
-
-def behind_classifier(spec: str | nn.Module, *, dataset: str, resolution: int | None,
-                      device: str, progress: bool = False) -> tuple[nn.Module, str, str]:
-    """(classifier, sha256, name) for the model behind a purifier: ``"undefended"`` (the
-    dataset's undefended default: the pinned akamaster ResNet-20 on CIFAR-10, the shipped
-    ``resnet20_s2@standard`` on ImageNet-10), ``"pgd_at"`` / ``"spat"`` (the classifier of the
-    shipped ``standard`` artifact), any zoo spec, or a module."""
-    from bench.models import resolve_classifier
-
-    if isinstance(spec, str) and spec == "undefended":
-        if dataset not in UNDEFENDED:
-            raise ValueError(f"no undefended default classifier for {dataset!r}: name one "
-                             f"(classifier: <zoo spec>)")
-        spec = UNDEFENDED[dataset]
-    if isinstance(spec, str) and spec in SHIPPED_CLASSIFIER_NAMES:
-        info: dict[str, Any] = {}
-        num_classes, _ = dataset_defaults(dataset, resolution)
-        model = shipped_pgd_at_classifier(dataset, resolution, default_arch(dataset, "standard"),
-                                          num_classes, device, info, defense=spec)
-        return model, info["baseline_sha256"], spec
-    model, sha = resolve_classifier(spec, dataset=dataset, device=device, progress=progress)
-    return model.eval(), sha, spec if isinstance(spec, str) else type(spec).__name__
-
-
 def _fitted_srd(srd_defense: str, srd_options: dict[str, Any] | None, *, dataset: str,
                 resolution: int | None, preset: str, device: str, progress: bool
                 ) -> tuple["SRDDefense", dict[str, Any]]:
@@ -739,7 +681,8 @@ class SRDFront(Defense):
     """The model-agnostic claim: a FITTED SRD purifier (its dictionaries, clusters and the
     robust model that chooses the dictionary) in front of ANOTHER classifier (``classifier``:
     ``"undefended"``, ``"pgd_at"``, ``"spat"``, a zoo spec or a module; see
-    :func:`behind_classifier`). The SRD artifact is the one ``{name: srd, preset: <preset>}``
+    :func:`defenses.undefended.behind_classifier`). The SRD artifact is the one
+    ``{name: srd, preset: <preset>}``
     uses (``srd_defense``/``srd_options`` pick another), so the purifier is exactly the one of
     the ``srd`` row. Nothing is trained here. The purifier is the SRD's own, not
     differentiable, with the unrolled surrogate for BPDA."""
@@ -750,6 +693,8 @@ class SRDFront(Defense):
                  srd_options: dict[str, Any] | None = None) -> None:
         srd, info = _fitted_srd(srd_defense, srd_options, dataset=dataset, resolution=resolution,
                                 preset=preset, device=device, progress=progress)
+        from defenses.undefended import behind_classifier
+
         model, sha, name = behind_classifier(classifier, dataset=dataset, resolution=resolution,
                                              device=device, progress=progress)
         super().__init__(model.to(device), preprocessor=srd.purifier,

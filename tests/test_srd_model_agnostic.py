@@ -58,7 +58,7 @@ def test_unknown_classifier_names_the_choices():
 
     with pytest.raises(RegistryError, match="unknown classifier"):
         DEFENSES.create("srd_front", classifier="no_such_model", **TINY)
-    from defenses.srd_purifier import behind_classifier
+    from defenses.undefended import behind_classifier
 
     with pytest.raises(ValueError, match="no undefended default"):
         behind_classifier("undefended", dataset="nowhere", resolution=None, device="cpu")
