@@ -212,6 +212,12 @@ SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
     ("plain_ae", "cifar10", None, "standard"): Shipped(
         "plain_ae-cifar10-standard.safetensors",
         "a947a6e50ae49c1674171183a3cd56f6e16551fcec766a90d435a4689f583328"),
+    ("semantic_ae", "imagenet10", 64, "standard"): Shipped(
+        "semantic_ae-imagenet10-64px-standard.safetensors",
+        "86e4ee086e10607aa40fc236e58533c4b1935ed26d6a669dd4fbf170ff8fb4db"),
+    ("plain_ae", "imagenet10", 64, "standard"): Shipped(
+        "plain_ae-imagenet10-64px-standard.safetensors",
+        "778b5261dafa5e1fe57b377e58f29a47de9ab8e69fcda2675d6d60ada674c6c9"),
     # the quick-scale SRD (issue 14 ships the standard one): `robustmatrix run defenses` on a
     # fresh clone fits nothing
     ("srd", "cifar10", None, "quick"): Shipped(

@@ -247,28 +247,39 @@ def test_fit_ship_writes_the_artifact_and_a_model_card(tmp_path):
     assert "held-out PGD" in card and "code version" in card
 
 
-@pytest.mark.parametrize("preset", ["quick", "defenses", "standard", "standard_imagenet10",
-                                    "standard_autoattack", "standard_autoencoders"])
-def test_presets_use_the_shipped_adversarially_trained_artifacts(preset):
-    """A fresh clone's `robustmatrix run quick|defenses|standard*` fits nothing: every trainable
-    entry of the preset (pgd_at and spat at the standard scale, the autoencoders, srd)
-    resolves to a pinned shipped artifact (shipped_artifact checks the file's sha256) with
-    exactly the options it was trained with."""
+SHIPPED_PRESETS = ["quick", "defenses", "standard", "standard_imagenet10", "standard_autoattack",
+                   "standard_autoencoders", "standard_autoencoders_imagenet10"]
+
+
+@pytest.mark.parametrize("preset", SHIPPED_PRESETS)
+def test_presets_use_the_shipped_adversarially_trained_artifacts(preset, monkeypatch):
+    """A fresh clone's `robustmatrix run <preset>` fits nothing: every trainable entry of the
+    preset (pgd_at and spat at the standard scale, the autoencoders, srd) resolves to a pinned
+    shipped artifact (shipped_artifact checks the file's sha256) with exactly the options it
+    was trained with, and every other entry (undefended, transforms, srd_front, ...) is built
+    without training anything (the ImageNet-10 classifier is a shipped checkpoint too)."""
     from bench.artifacts import construct_defense, shipped_artifact
     from bench.core.config import load_config
+    from bench.core.registry import DEFENSES
 
+    def no_training(*args, **kwargs):
+        raise AssertionError(f"preset {preset} trains something on a fresh clone")
+
+    monkeypatch.setattr("bench.models.zoo.train_classifier", no_training)
+    monkeypatch.setattr("bench.data.load_train", no_training)  # a fit would load the train split
     cfg = load_config(preset)
     checked = 0
     for ds in cfg.datasets:
         for spec in cfg.defenses:
-            if spec.name == "undefended":
-                continue
             options = dict(spec.options)
             fit_preset = str(options.pop("preset", cfg.fit_preset))
             if spec.name in ("pgd_at", "spat"):
                 assert fit_preset == "standard", (preset, spec)
             defense = construct_defense(spec.name, options, dataset=ds.name,
                                         dataset_options=ds.options, preset=fit_preset)
+            if not getattr(DEFENSES.get(spec.name), "trainable", False) and \
+                    not getattr(defense, "trainable", False):
+                continue  # built above without training: that is the check
             match = shipped_artifact(defense, spec.name, dataset=ds.name,
                                      resolution=ds.options.get("resolution"), preset=fit_preset,
                                      log=lambda m: None)
