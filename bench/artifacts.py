@@ -218,6 +218,9 @@ SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
     ("plain_ae", "imagenet10", 64, "standard"): Shipped(
         "plain_ae-imagenet10-64px-standard.safetensors",
         "778b5261dafa5e1fe57b377e58f29a47de9ab8e69fcda2675d6d60ada674c6c9"),
+    ("aae_detector", "imagenet10", 64, "standard"): Shipped(
+        "aae_detector-imagenet10-64px-standard.safetensors",
+        "7b942484fb4c15f1f250431ea0a2b7591ffe48a6215ee60d2fe75990c6815ae0"),
     ("srd", "cifar10", None, "standard"): Shipped(
         "srd-cifar10-standard.safetensors",
         "0ced1c93e0652ce103a821992de0244b0837a4885e2963fd7bb7bca8cfb1e2ba"),

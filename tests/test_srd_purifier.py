@@ -379,8 +379,38 @@ def test_bic_rule_one_mode_everywhere_gives_one_cluster_per_class():
     assert out["k_per_class"] == [1, 1, 1]
 
 
+def test_bic_gain_rule_picks_the_modes_at_any_sample_size():
+    """The default rule: two separated modes -> 2, one mode -> 1, at 30 and at 1,000 images
+    per mode (the per-image gain does not drift with n)."""
+    for n in (30, 1000):
+        z, y = two_mode_set(n)
+        out = cluster_latents(z, y, 3, max_clusters=4, pca_dim=4)
+        assert out["k_per_class"] == [2, 2, 1], n
+
+
+def test_bic_gain_does_not_split_one_heavy_tailed_mode_where_lowest_bic_does():
+    """What made the rule necessary (measured on CIFAR-10's real features: the lowest BIC
+    picks the cap in every class at 5,000 images): one non-Gaussian (Laplace) mode per
+    class, 3,000 images each. The lowest BIC splits it; the per-image gain rule keeps k = 1."""
+    z = torch.distributions.Laplace(0.0, 1.0).sample((9000, 8))
+    y = torch.arange(9000) % 3
+    assert max(cluster_latents(z, y, 3, max_clusters=4, pca_dim=4, k_rule="bic")
+               ["k_per_class"]) >= 2
+    assert cluster_latents(z, y, 3, max_clusters=4, pca_dim=4,
+                           k_rule="bic_gain")["k_per_class"] == [1, 1, 1]
+
+
+def test_srd_k_rule_defaults_per_preset_and_is_recorded():
+    quick = srd_mod.srd(dataset="test_tiny", preset="quick")
+    std = srd_mod.srd(dataset="test_tiny", preset="tiny")
+    assert quick.config()["k_rule"] == "bic" and "k_gain_min" not in quick.config()
+    assert std.config()["k_rule"] == "bic_gain" and std.config()["k_gain_min"] == 0.5
+    with pytest.raises(ValueError, match="k_rule must be one of"):
+        srd_mod.srd(dataset="test_tiny", k_rule="elbow")
+
+
 def test_unknown_k_rule_is_a_clear_error():
-    with pytest.raises(ValueError, match="k_rule must be 'bic' or 'silhouette'"):
+    with pytest.raises(ValueError, match="k_rule must be 'bic_gain', 'bic' or 'silhouette'"):
         cluster_latents(torch.randn(20, 3), torch.zeros(20, dtype=torch.long), 1,
                         k_rule="elbow")
 
@@ -430,7 +460,7 @@ def test_purifier_passes_the_low_band_exactly_and_stays_in_range(fitted_tiny_srd
 def test_fit_reports_k_per_class_and_selection_accuracy(fitted_tiny_srd):
     d, _ = fitted_tiny_srd
     info = d.fit_info
-    assert info["k_rule"] == "bic" and len(info["k_per_class"]) == 10
+    assert info["k_rule"] == "bic_gain" and len(info["k_per_class"]) == 10
     assert sum(info["k_per_class"]) == d.purifier.num_clusters
     assert 0.0 <= info["selection_accuracy_fit_clean"] <= 1.0
     assert info["feature_space"].startswith("robust model")
