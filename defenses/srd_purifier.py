@@ -77,6 +77,7 @@ from defenses.spat import (
     dataset_defaults,
     default_arch,
     images_and_labels,
+    resolve_precision,
     resolve_preset,
     shipped_classifier,
 )
@@ -579,16 +580,12 @@ class SRDDefense(FitStateMixin, Defense):
         return torch.cat([model.features(images[i:i + batch_size].to(device)).float().cpu()
                           for i in range(0, len(images), batch_size)])
 
-    def fit(self, train: Any, *, preset: str = "quick", device: str | torch.device = "cpu",
-            progress: bool = True) -> "SRDDefense":
-        s = self.settings(preset)
+    def _fit_clusters_and_dictionaries(self, images, labels, train, s, preset, device,
+                                       progress):
+        """Steps 1, 2 and 4 of the module doc: latents, clusters, one dictionary per cluster.
+        Returns (clusters, dictionaries, the baseline's state dict when the robust model
+        starts from it, else None, stage seconds)."""
         k = self.knobs
-        images, labels = images_and_labels(train)
-        if s["train_limit"] is not None and len(labels) > s["train_limit"]:
-            from bench.models.training import balanced_subset
-
-            keep = balanced_subset(labels, int(s["train_limit"]), seed=k["seed"])
-            images, labels = images[keep], labels[keep]
         times: dict[str, float] = {}
         self.fit_info = {"preset": preset, "settings": s}
 
@@ -646,19 +643,63 @@ class SRDDefense(FitStateMixin, Defense):
                                           seed=k["seed"] + c)
             dicts.append(D.float().cpu())
         times["dictionaries"] = time.perf_counter() - t
+        init = (k["init_from_baseline"] or k["init"] == "pgd_at") and \
+            getattr(baseline, "arch", None) == self.arch
+        baseline_state = ({n: v.detach().cpu() for n, v in baseline.state_dict().items()}
+                          if init else None)
+        return clusters, dicts, baseline_state, times
+
+    def fit(self, train: Any, *, preset: str = "quick", device: str | torch.device = "cpu",
+            progress: bool = True, checkpoint: Any = None) -> "SRDDefense":
+        """Fit (module doc). With ``checkpoint`` (a path), a killed fit resumes: the clusters
+        and dictionaries are saved beside it (``<checkpoint>.stages.pt``) once learned, and
+        the robust model's adversarial training saves a resume point every epoch."""
+        from pathlib import Path
+
+        from bench.core.hashing import json_sha256
+        from bench.models.training import load_training_state, save_training_state
+
+        s = self.settings(preset)
+        k = self.knobs
+        images, labels = images_and_labels(train)
+        if s["train_limit"] is not None and len(labels) > s["train_limit"]:
+            from bench.models.training import balanced_subset
+
+            keep = balanced_subset(labels, int(s["train_limit"]), seed=k["seed"])
+            images, labels = images[keep], labels[keep]
+        fingerprint = json_sha256({"config": self.config(), "settings": s, "preset": preset,
+                                   "train": getattr(train, "fingerprint", None),
+                                   "n": len(labels)})
+        stages = Path(str(checkpoint) + ".stages.pt") if checkpoint is not None else None
+        staged = load_training_state(stages, fingerprint) if stages is not None else None
+        if staged is not None:
+            self.fit_info = dict(staged["fit_info"])
+            times = dict(staged["times"])
+            clusters, dicts = staged["clusters"], list(staged["dicts"])
+            baseline_state = staged["baseline_state"]
+            self.fit_info["resumed_after"] = "dictionaries"
+        else:
+            clusters, dicts, baseline_state, times = self._fit_clusters_and_dictionaries(
+                images, labels, train, s, preset, device, progress)
+            if stages is not None:
+                save_training_state(stages, {
+                    "fingerprint": fingerprint, "fit_info": self.fit_info, "times": times,
+                    "clusters": clusters, "dicts": dicts, "baseline_state": baseline_state})
+        assignment = clusters["assignment"]
+        K = len(clusters["means"])
 
         t = time.perf_counter()
         robust = self.classifier
-        if (k["init_from_baseline"] or k["init"] == "pgd_at") and \
-                getattr(baseline, "arch", None) == self.arch:
-            robust.load_state_dict(baseline.state_dict())
+        if baseline_state is not None:
+            robust.load_state_dict(baseline_state)
         hook = latent_distribution_loss(clusters["means"], clusters["stds"], k["latent_weight"])
         train_kw = {key: s[key] for key in _TRAIN_KEYS if key in s and key != "train_limit"}
         self.history = adversarial_train(
             robust, (images, labels), method="pgd", eps=self.eps, device=device,
             progress=progress, extra_loss=hook, aux=assignment, train_limit=None,
             crop_padding=k["crop_padding"], seed=k["seed"], desc=f"SRD robust {self.arch}",
-            **train_kw)
+            checkpoint=checkpoint, fingerprint=fingerprint, **train_kw)
+        self.fit_info["precision_used"] = resolve_precision(s.get("precision", "fp32"), device)
         robust.eval()
         times["robust_training"] = time.perf_counter() - t
 
@@ -686,6 +727,8 @@ class SRDDefense(FitStateMixin, Defense):
         p._buffers["dictionaries"] = torch.stack(dicts).to(dev)
         p.coding_iterations = int(s["coding_iterations"])
         self.fit_info["seconds"] = times
+        if stages is not None:
+            stages.unlink(missing_ok=True)
         self.fit_done.fill_(True)
         self.fitted = True
         return self

@@ -484,3 +484,48 @@ def test_standard_preset_fine_tunes_the_shipped_pgd_at_model(monkeypatch):
     # ImageNet-10's own standard settings
     assert create_defense("srd", dataset="imagenet10", resolution=64,
                           preset="standard").settings("standard")["batch_size"] == 64
+
+
+def test_srd_fit_resumes_after_the_dictionaries(tmp_path, monkeypatch):
+    """A fit killed during the robust model's training resumes with the saved clusters and
+    dictionaries (they are not learned again), and the stage file goes once the fit ends."""
+    from bench.data import load_train
+
+    train = load_train("test_tiny")
+    ckpt = tmp_path / "srd.resume.pt"
+    stages = tmp_path / "srd.resume.pt.stages.pt"
+
+    class Killed(RuntimeError):
+        pass
+
+    def killed(*a, **kw):
+        raise Killed
+
+    d = create_defense("test_srd")
+    with monkeypatch.context() as m:
+        m.setattr(srd_mod, "adversarial_train", killed)
+        with pytest.raises(Killed):
+            d.fit(train, preset="tiny", progress=False, checkpoint=ckpt)
+    assert stages.is_file()
+
+    d2 = create_defense("test_srd")
+    with monkeypatch.context() as m:
+        m.setattr(type(d2), "_fit_clusters_and_dictionaries",
+                  lambda *a, **kw: pytest.fail("the dictionaries were learned again"))
+        d2.fit(train, preset="tiny", progress=False, checkpoint=ckpt)
+    assert d2.fit_info["resumed_after"] == "dictionaries"
+    assert not stages.exists()
+    fresh = create_defense("test_srd").fit(train, preset="tiny", progress=False)
+    assert torch.equal(d2.purifier.dictionaries, fresh.purifier.dictionaries)
+    assert d2.fit_info["k_per_class"] == fresh.fit_info["k_per_class"]
+
+
+def test_bf16_runs_at_fp32_on_a_cpu_without_native_bfloat16(monkeypatch):
+    from defenses.spat import resolve_precision
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.warns(RuntimeWarning, match="no native bfloat16"):
+        assert resolve_precision("bf16", "cpu") == "fp32"
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert resolve_precision("bf16", "cpu") == "bf16"
