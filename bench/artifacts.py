@@ -223,7 +223,7 @@ SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
         "7b942484fb4c15f1f250431ea0a2b7591ffe48a6215ee60d2fe75990c6815ae0"),
     ("srd", "cifar10", None, "standard"): Shipped(
         "srd-cifar10-standard.safetensors",
-        "0ced1c93e0652ce103a821992de0244b0837a4885e2963fd7bb7bca8cfb1e2ba"),
+        "c3ea403d3e2768f58ab0983a07c2fe7dd43ada1899bb2cd7aa3ed1fb9c58b9a4"),
     # the quick-scale SRD (issue 14 ships the standard one): `robustmatrix run defenses` on a
     # fresh clone fits nothing
     ("srd", "cifar10", None, "quick"): Shipped(
