@@ -248,7 +248,7 @@ def test_fit_ship_writes_the_artifact_and_a_model_card(tmp_path):
 
 
 SHIPPED_PRESETS = ["quick", "defenses", "standard", "standard_imagenet10", "standard_autoattack",
-                   "standard_autoencoders", "standard_autoencoders_imagenet10"]
+                   "standard_autoencoders", "standard_autoencoders_imagenet10", "srd_claims"]
 
 
 @pytest.mark.parametrize("preset", SHIPPED_PRESETS)
