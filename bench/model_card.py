@@ -106,7 +106,7 @@ def render_card(*, name: str, dataset: str, resolution: Any, preset: str, sha256
     lines += ["| | |", "|---|---|",
               f"| file | `{shipped_filename(name, dataset, resolution, preset)}` |",
               f"| sha256 | `{sha256}` |",
-              f"| architecture | {config.get('arch') or config.get('latent') or '?'} |",
+              f"| architecture | {config.get('arch') or config.get('architecture') or config.get('latent') or '?'} |",
               f"| method | {config.get('method', name)} |"]
     if "eps" in config:
         lines.append(f"| threat model trained for | Linf eps = "

@@ -199,6 +199,7 @@ def test_shipped_artifacts_match_their_pins_and_have_model_cards():
         assert card.is_file(), f"{key}: no model card {card.name}"
         text = card.read_text()
         assert entry.sha256 in text and "clean" in text.lower(), key
+        assert "| architecture | ? |" not in text, f"{key}: the card does not name its model"
 
 
 def test_tampered_shipped_artifact_is_refused_in_one_line(tmp_path, monkeypatch):
@@ -302,12 +303,13 @@ def test_model_card_renders_the_fit_info_of_every_trainable_defense_kind():
                      fit_info={"seconds": 120.0, "history": [0.01, 0.005], "train_images": 9})
     assert "| 2 | 0.005 |" in ae and "2.0 min" in ae and "akamaster-resnet20" in ae
     aae = render_card(name="aae_detector", dataset="cifar10", resolution=None,
-                      preset="standard", sha256="0" * 64, meta=meta, measured=[],
+                      preset="standard", sha256="0" * 64,
+                      meta={"config": json.dumps({"architecture": "conv"})}, measured=[],
                       source_runs=[],
                       fit_info={"seconds": 60.0, "calibration": {"fpr": 0.05},
                                 "history": [{"recon": 0.004, "d_acc": 0.9}]})
     assert "| epoch | recon | d_acc |" in aae and "| 1 | 0.004 | 0.9 |" in aae
-    assert '"fpr": 0.05' in aae
+    assert '"fpr": 0.05' in aae and "| architecture | conv |" in aae
     srd = render_card(name="srd", dataset="cifar10", resolution=None, preset="quick",
                       sha256="0" * 64, meta=meta, measured=[], source_runs=[],
                       fit_info={"seconds": {"robust": 60.0, "dictionaries": 30.0}})
