@@ -239,13 +239,24 @@ class ShippedMatch:
     expected: dict[str, str]
 
 
+def verify_shipped(entry: Shipped) -> None:
+    """Raise a one-line :class:`ArtifactError` (with the fix) when a shipped file does not match
+    its pinned sha256."""
+    from bench.models.checkpoint import ChecksumError, verify_sha256
+
+    try:
+        verify_sha256(entry.path, entry.sha256)
+    except ChecksumError:
+        raise ArtifactError(f"shipped artifact {entry.path.name} does not match its pinned "
+                            f"sha256 {entry.sha256[:12]}...; restore it (`git checkout -- "
+                            f"defenses/weights/{entry.path.name}`)") from None
+
+
 def shipped_artifact(defense: Any, name: str, *, dataset: str, resolution: Any, preset: str,
                      log=print) -> ShippedMatch | None:
     """The shipped artifact for this defense, or None when there is none or the defense's
     options differ from those it was trained with (then the harness fits as usual). A file
     that does not match its pinned sha256 is refused with a one-line error."""
-    from bench.models.checkpoint import ChecksumError, verify_sha256
-
     entry = SHIPPED.get((name, dataset, resolution, preset))
     if entry is None:
         return None
@@ -253,12 +264,7 @@ def shipped_artifact(defense: Any, name: str, *, dataset: str, resolution: Any, 
         raise ArtifactError(f"shipped artifact {entry.path} is missing; restore it "
                             f"(`git checkout -- {entry.path.name}`) or fit the defense "
                             f"(`robustmatrix fit {name} --preset {preset}`)")
-    try:
-        verify_sha256(entry.path, entry.sha256)
-    except ChecksumError:
-        raise ArtifactError(f"shipped artifact {entry.path.name} does not match its pinned "
-                            f"sha256 {entry.sha256[:12]}...; restore it (`git checkout -- "
-                            f"defenses/weights/{entry.path.name}`)") from None
+    verify_shipped(entry)
     expected = {"defense": name, "dataset": dataset, "resolution": str(resolution),
                 "config": json.dumps(defense.config(), sort_keys=True, default=str)}
     with _safe_open(entry.path) as f:

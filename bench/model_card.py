@@ -103,10 +103,11 @@ def render_card(*, name: str, dataset: str, resolution: Any, preset: str, sha256
                 f" min ({parts})")
     else:
         wall = f"{float(seconds or 0) / 60:.1f} min"
+    arch = config.get("arch") or config.get("architecture") or config.get("latent") or "?"
     lines += ["| | |", "|---|---|",
               f"| file | `{shipped_filename(name, dataset, resolution, preset)}` |",
               f"| sha256 | `{sha256}` |",
-              f"| architecture | {config.get('arch') or config.get('architecture') or config.get('latent') or '?'} |",
+              f"| architecture | {arch} |",
               f"| method | {config.get('method', name)} |"]
     if "eps" in config:
         lines.append(f"| threat model trained for | Linf eps = "

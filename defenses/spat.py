@@ -698,8 +698,7 @@ def shipped_classifier(dataset: str, resolution: int | None, arch: str,
     sha256 in ``info`` (``baseline``, ``baseline_sha256``)."""
     from safetensors.torch import load_file
 
-    from bench.artifacts import SHIPPED, ArtifactError
-    from bench.models.checkpoint import ChecksumError, verify_sha256
+    from bench.artifacts import SHIPPED, ArtifactError, verify_shipped
 
     entry = SHIPPED.get((defense, dataset, resolution, "standard"))
     if entry is None or not entry.path.is_file():
@@ -707,12 +706,7 @@ def shipped_classifier(dataset: str, resolution: int | None, arch: str,
                             f"{dataset} (resolution {resolution}); there is none: fit it "
                             f"(`robustmatrix fit {defense} --dataset {dataset} --preset "
                             f"standard --ship`) or name another classifier")
-    try:
-        verify_sha256(entry.path, entry.sha256)
-    except ChecksumError:
-        raise ArtifactError(f"shipped artifact {entry.path.name} does not match its pinned "
-                            f"sha256; restore it (`git checkout -- defenses/weights/"
-                            f"{entry.path.name}`)") from None
+    verify_shipped(entry)
     state = load_file(str(entry.path))
     prefix = "classifier."
     sub = {key[len(prefix):]: v for key, v in state.items() if key.startswith(prefix)}
