@@ -224,6 +224,9 @@ SHIPPED: dict[tuple[str, str, int | None, str], Shipped] = {
     ("srd", "cifar10", None, "standard"): Shipped(
         "srd-cifar10-standard.safetensors",
         "c3ea403d3e2768f58ab0983a07c2fe7dd43ada1899bb2cd7aa3ed1fb9c58b9a4"),
+    ("srd", "imagenet10", 64, "standard"): Shipped(
+        "srd-imagenet10-64px-standard.safetensors",
+        "96d046d6ba4a5d709c721b6580865a730a2e88623f99d50a1a2dc0859236cf10"),
     # the quick-scale SRD (issue 14 ships the standard one): `robustmatrix run defenses` on a
     # fresh clone fits nothing
     ("srd", "cifar10", None, "quick"): Shipped(

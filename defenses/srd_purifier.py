@@ -587,7 +587,7 @@ class SRDDefense(FitStateMixin, Defense):
         starts from it, else None, stage seconds)."""
         k = self.knobs
         times: dict[str, float] = {}
-        self.fit_info = {"preset": preset, "settings": s}
+        self.fit_info = {"preset": preset, "settings": s, "train_images": int(len(labels))}
 
         t = time.perf_counter()
         baseline = self._baseline_model(SimpleNamespace(images=images, labels=labels),

@@ -249,7 +249,8 @@ def test_fit_ship_writes_the_artifact_and_a_model_card(tmp_path):
 
 
 SHIPPED_PRESETS = ["quick", "defenses", "standard", "standard_imagenet10", "standard_autoattack",
-                   "standard_autoencoders", "standard_autoencoders_imagenet10", "srd_claims"]
+                   "standard_autoencoders", "standard_autoencoders_imagenet10", "srd_claims",
+                   "srd_claims_imagenet10"]
 
 
 @pytest.mark.parametrize("preset", SHIPPED_PRESETS)
