@@ -59,14 +59,28 @@ def build_records(store: ResultStore, keys: Iterable[str] | None = None
 
     ``keys``: the cells to use (a run's own, :attr:`bench.harness.runner.RunSummary.keys`); default:
     the current cells of the store (:meth:`ResultStore.current_keys`)."""
+    return [rec for rec, _ in _boards(store, keys)]
+
+
+def worst_case_samples(store: ResultStore, keys: Iterable[str] | None = None
+                       ) -> dict[tuple[str, str, float, str], pd.Series]:
+    """The per-sample worst case behind :func:`build_records`' ``worst_case``: for each
+    (dataset, threat, eps, defense) a boolean Series indexed by sample id (True: clean-correct,
+    not rejected, and no attack broke it). Paired comparisons (:mod:`leaderboard.compare`)
+    start here."""
+    return {(r["dataset"], r["threat"], r["eps"], r["defense"]): robust
+            for r, robust in _boards(store, keys)}
+
+
+def _boards(store: ResultStore, keys: Iterable[str] | None):
+    """Yield (record, per-sample worst case) per (dataset, threat, eps, defense)."""
     df = store.samples_frame()
     df = df[df["cell_key"].isin(set(keys) if keys is not None else store.current_keys())]
     if df.empty:
-        return []
+        return
     cells = {c.key: c for c in store.cells("done")}
     clean = df[df["attack"] == "clean"]
     attacked = df[df["attack"] != "clean"]
-    records = []
     for (dataset, threat, eps), g in attacked.groupby(["dataset", "threat", "eps"], sort=True):
         for defense, gd in g.groupby("defense", sort=False):
             base = clean[(clean["dataset"] == dataset) & (clean["defense"] == defense)]
@@ -106,14 +120,13 @@ def build_records(store: ResultStore, keys: Iterable[str] | None = None
                 if len(per_attack) > 1 and set(f["attacks"]) == set(per_attack):
                     f["attacks"] = ["all attacks"]
             fpr = float(base["clean_flagged"].fillna(0).mean())
-            records.append({
+            yield ({
                 "dataset": dataset, "threat": threat, "eps": float(eps), "defense": defense,
                 "n": n, "clean": Accuracy(int(clean_ok.sum()), n).as_dict(),
                 "attacks": per_attack, "worst_case": Accuracy(int(robust.sum()), n).as_dict(),
                 "flags": list(flags.values()), "cost": cost,
                 "detector_fpr": fpr if base["clean_flagged"].fillna(0).any() else None,
-            })
-    return records
+            }, robust.astype(bool))
 
 
 def _fmt(acc: dict[str, Any]) -> str:

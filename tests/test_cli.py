@@ -140,3 +140,47 @@ def test_fit_report_writes_metrics_and_figures(name, keys, tmp_path, capsys):
     assert main(["fit", name, "--dataset", "test_tiny", "--preset", "tiny", "--device",
                  "cpu"]) == 0
     assert "reused cached artifact" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def two_row_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli2") / "run"
+    assert main(["run", "smoke", "--defense", "test_undefended", "--defense", "test_jpeg",
+                 "--run-dir", str(run_dir), "--no-progress"]) == 0
+    return run_dir
+
+
+def test_leaderboard_compare_is_paired_on_the_rows_worst_cases(two_row_run, capsys):
+    """`robustmatrix leaderboard --compare A B`: the 2x2 counts add up to the images, A's and
+    B's worst cases are the leaderboard's, and the difference is only-A minus only-B."""
+    import json
+
+    out = two_row_run / "lb"
+    assert main(["leaderboard", "--run-dir", str(two_row_run), "--out", str(out),
+                 "--compare", "test_jpeg", "test_undefended"]) == 0
+    text = (out / "compare.md").read_text()
+    assert "A = test_jpeg, B = test_undefended" in text and "McNemar p" in text
+    board = json.loads((out / "leaderboard.json").read_text())
+    from bench.core.store import ResultStore
+    from leaderboard.compare import compare_records
+
+    recs = compare_records(ResultStore(two_row_run / "results.sqlite", readonly=True),
+                           "test_jpeg", "test_undefended")
+    assert len(recs) == 2  # linf and l2
+    worst = {(r["threat"], r["defense"]): r["worst_case"]["accuracy"] for r in board}
+    for r in recs:
+        assert r["both"] + r["only_a"] + r["only_b"] + r["neither"] == r["n"] == 20
+        assert r["worst_a"] == pytest.approx(worst[(r["threat"], "test_jpeg")])
+        assert r["worst_b"] == pytest.approx(worst[(r["threat"], "test_undefended")])
+        assert r["difference"] == pytest.approx((r["only_a"] - r["only_b"]) / r["n"])
+        assert r["ci_low"] <= r["difference"] <= r["ci_high"]
+        assert f"{100 * r['difference']:+.1f}" in text
+
+
+def test_leaderboard_compare_unknown_row_is_one_line(two_row_run, tmp_path, capsys):
+    out = tmp_path / "lb"
+    assert main(["leaderboard", "--run-dir", str(two_row_run), "--out", str(out),
+                 "--compare", "jpeg", "test_undefended"]) == 2
+    err = capsys.readouterr().err
+    assert "no row named 'jpeg'" in err and "'test_jpeg'" in err
+    assert not out.exists()  # checked before anything was written

@@ -2,6 +2,7 @@
 
 import math
 
+import pandas as pd
 import pytest
 
 from bench.core.store import ResultStore
@@ -69,3 +70,42 @@ def test_a_reconfigured_cell_supersedes_the_old_one(tmp_path):
     (rec,) = build_records(store, keys=["k0", "old"])  # what a run of the old config shows
     assert rec["attacks"]["a1"]["accuracy"] == 1.0
     assert build_records(store, keys=[]) == []
+
+
+# --- paired comparison (leaderboard/compare.py) -------------------------------------------
+
+def test_newcombe_paired_interval_matches_the_published_value():
+    """Fagerland, Lydersen and Laake's reference implementation (R package contingencytables,
+    chapter 8 tests): table [[59, 6], [16, 80]] gives -0.0621 (-0.1186 to -0.0046)."""
+    from leaderboard.compare import newcombe_paired_interval
+
+    lo, hi = newcombe_paired_interval(59, 6, 16, 80)
+    assert lo == pytest.approx(-0.1186, abs=1e-4) and hi == pytest.approx(-0.0046, abs=1e-4)
+    # identical outcomes: the difference is 0 and the interval straddles it
+    lo, hi = newcombe_paired_interval(30, 0, 0, 70)
+    assert lo < 0 < hi
+    # all discordant pairs one way: the interval excludes 0 and stays in [-1, 1]
+    lo, hi = newcombe_paired_interval(0, 0, 20, 0)
+    assert -1 <= lo < hi < 0
+
+
+def test_mcnemar_exact_p():
+    from leaderboard.compare import mcnemar_exact_p
+
+    assert mcnemar_exact_p(0, 9) == pytest.approx(2 / 2 ** 9)
+    assert mcnemar_exact_p(9, 0) == mcnemar_exact_p(0, 9)
+    assert mcnemar_exact_p(5, 5) == 1.0 and mcnemar_exact_p(0, 0) == 1.0
+    assert mcnemar_exact_p(3, 9) == pytest.approx(2 * sum(math.comb(12, i) for i in range(4))
+                                                  / 2 ** 12)
+
+
+def test_paired_counts_use_the_shared_images_only():
+    from leaderboard.compare import CompareError, paired_counts
+
+    a = pd.Series([True, True, False, False, True], index=["s0", "s1", "s2", "s3", "s4"])
+    b = pd.Series([True, False, True, False], index=["s0", "s1", "s2", "s3"])
+    c = paired_counts(a, b)
+    assert (c["n"], c["both"], c["only_a"], c["only_b"], c["neither"]) == (4, 1, 1, 1, 1)
+    assert c["difference"] == 0 and c["unshared"] == 1
+    with pytest.raises(CompareError, match="share no images"):
+        paired_counts(a, pd.Series([True], index=["other"]))

@@ -32,13 +32,14 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from bench.harness.validate import ValidationError
     from bench.models import CheckpointError, ChecksumError
     from defenses.base import DefenseNotFittedError
+    from leaderboard.compare import CompareError
     from leaderboard.entries import EntryError
 
     return (ConfigError, RegistryError, StoreError, ArtifactError, AttackContractError,
             DataError, ChecksumError, CheckpointError,  # a checkpoint that is not one (HTML, junk)
             DefenseNotFittedError,
             SandboxError,  # submitted code that crashed, hung or ran out of memory
-            SubmitError, ValidationError, EntryError)
+            SubmitError, ValidationError, EntryError, CompareError)
 
 
 def run_command(handler: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

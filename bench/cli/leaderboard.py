@@ -20,6 +20,10 @@ def add_parser(sub: Any) -> None:
     lb.add_argument("--checklist", action="store_true",
                     help="also print each row's evaluation checklist (docs/checklist.md) and "
                          "write it to <out>/checklist.md")
+    lb.add_argument("--compare", nargs=2, action="append", metavar=("A", "B"), default=[],
+                    help="a paired comparison of two rows on the same images: A - B with a "
+                         "95%% interval and McNemar's p, per board; written to "
+                         "<out>/compare.md (repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,6 +36,11 @@ def run(args: argparse.Namespace) -> int:
 
     store = ResultStore(Path(args.run_dir) / "results.sqlite", readonly=True)
     records = build_records(store)
+    compared = []
+    if args.compare:  # before anything is printed or written: a bad label is one line
+        from leaderboard.compare import compare_records
+
+        compared = [compare_records(store, a, b) for a, b in args.compare]
     tables = build_tables(store, per_attack=not args.worst_case_only, show_cost=args.show_cost,
                           flag_detail=not args.short_flags, records=records)
     if not tables:
@@ -63,5 +72,12 @@ def run(args: argparse.Namespace) -> int:
         print(text)
         out.mkdir(parents=True, exist_ok=True)
         (out / "checklist.md").write_text(text)
+    if compared:
+        from leaderboard.compare import to_markdown as compare_markdown
+
+        text = "\n\n".join(compare_markdown(c) for c in compared) + "\n"
+        print("\n" + text)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "compare.md").write_text(text)
     info(f"tables written to {out}")
     return 0
