@@ -572,3 +572,22 @@ def test_srd_defends_on_tiny_data_under_bpda_and_its_robust_model_carries_it():
             adv_ok = d(res.adv).argmax(1) == y
         robust = float((clean_ok & adv_ok).float().mean())
         assert robust >= plain_robust + 0.20, (backward, robust, plain_robust)
+
+
+def test_srd_forward_is_not_a_dynamic_defense_to_autoattack(fitted_tiny_srd):
+    """AutoAttack's dynamic-defense check traces the forward for functions named 'grad' or
+    'backward'; the FISTA solver's helper once was one, and every Square/AutoAttack cell of an
+    SRD row carried a false ``dynamic_defense`` flag."""
+    import warnings
+
+    from pyautoattack import checks
+
+    from attacks.standard import reset_autoattack_dynamic_check
+
+    d, test = fitted_tiny_srd
+    reset_autoattack_dynamic_check()
+    with warnings.catch_warnings(record=True) as seen, torch.no_grad():
+        warnings.simplefilter("always")
+        checks.check_dynamic(d, test.images[:4])
+    assert not [w for w in seen if "dynamic" in str(w.message)]
+    assert not any(checks.funcs.values())
