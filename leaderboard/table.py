@@ -143,16 +143,20 @@ def _eps_label(threat: str, eps: float) -> str:
 
 
 def rank(records: list[dict[str, Any]]) -> list[int | str]:
-    """Ranks by worst case; a defense tied (overlapping CI) with the one above shares its rank."""
+    """Ranks by worst case (records sorted best first). A defense whose interval overlaps the
+    interval of its tie group's LEADER (the first row of the group) shares the leader's rank
+    ("="); otherwise it starts a new group. Ties do not chain: 38 [26, 52], 16 [8, 29] and
+    0 [0, 7] are ranked 1, =1, 3, not all =1 (each overlaps the one above, but 0 [0, 7] does
+    not overlap the leader). Use ``robustmatrix leaderboard --compare A B`` for the paired
+    test of two rows on the same images."""
     out: list[int | str] = []
-    prev = None
+    leader: tuple[int, float] | None = None  # (rank, lower bound of the leader's interval)
     for i, r in enumerate(records):
-        lo_hi = (r["worst_case"]["ci_low"], r["worst_case"]["ci_high"])
-        if prev is not None and lo_hi[1] >= prev[1][0]:
-            out.append(f"={prev[0]}")
-            prev = (prev[0], (min(prev[1][0], lo_hi[0]), prev[1][1]))
+        lo, hi = r["worst_case"]["ci_low"], r["worst_case"]["ci_high"]
+        if leader is not None and hi >= leader[1]:
+            out.append(f"={leader[0]}")
         else:
-            prev = (i + 1, lo_hi)
+            leader = (i + 1, lo)
             out.append(i + 1)
     return out
 

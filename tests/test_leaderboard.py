@@ -51,6 +51,16 @@ def test_overlapping_intervals_share_a_rank():
     assert rank([r(0.6, 0.8), r(0.5, 0.65), r(0.1, 0.2)]) == [1, "=1", 3]
 
 
+def test_ties_do_not_chain_past_the_group_leader():
+    """Each row overlaps the one above, but the last two do not overlap the leader: the old
+    chained rule ranked an undefended 0 [0, 7] '=1' with PGD-AT's 38 [26, 52]."""
+    def r(lo, hi):
+        return {"worst_case": {"ci_low": lo, "ci_high": hi}}
+
+    rows = [r(0.26, 0.52), r(0.24, 0.50), r(0.08, 0.29), r(0.04, 0.21), r(0.0, 0.07)]
+    assert rank(rows) == [1, "=1", "=1", 4, "=4"]
+
+
 @pytest.mark.parametrize("k,n", [(0, 1), (1, 1), (3, 7), (999, 1000)])
 def test_wilson_contains_the_estimate(k, n):
     lo, hi = wilson_interval(k, n)
