@@ -120,6 +120,24 @@ def test_fista_batches_independently_and_is_differentiable():
     assert torch.isfinite(g).all() and float(g.abs().sum()) > 0
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 20])
+def test_chunked_normal_operator_equals_the_batched_matmul_reference(n):
+    import defenses.sparse_coding as sc
+
+    torch.manual_seed(n)
+    Df = sc.dictionary_fft(torch.randn(6, 3, 4, 4, dtype=torch.float64), (12, 10))
+    DfH = Df.conj().resolve_conj()
+    Yf = torch.fft.rfft2(torch.randn(n, 6, 12, 10, dtype=torch.float64)).requires_grad_(True)
+    a = sc._normal_operator(Yf, Df, DfH)
+    b = sc._normal_operator_bmm(Yf, Df, DfH)
+    assert a.shape == b.shape == Yf.shape
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    w = torch.randn_like(a)
+    (ga,) = torch.autograd.grad((a * w.conj()).real.sum(), Yf)
+    (gb,) = torch.autograd.grad((b * w.conj()).real.sum(), Yf)
+    torch.testing.assert_close(ga, gb, rtol=1e-10, atol=1e-10)
+
+
 def test_dictionary_learning_lowers_the_objective_and_respects_constraints():
     _, high = tikhonov_split(smooth_images(24, 12, dtype=torch.float32))
     history: list[float] = []
